@@ -25,6 +25,7 @@ from pamfx.errors import (
 from pamfx.frontend import trace
 from pamfx.ir import Grouping, LayerMap, NeuronLayer, TaskSpace
 from pamfx.passes.merge import merge
+from pamfx.passes.mtz import Zip, mtz_merge
 from pamfx.passes.select_channels import select_channels, sort_channels
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ __all__ = [
     "TaskSpace",
     "TraceError",
     "UnsupportedOpError",
+    "Zip",
     "collect_activations",
     "cost",
     "emit",
@@ -58,6 +60,7 @@ __all__ = [
     "fusion_report",
     "merge",
     "mi_bounds",
+    "mtz_merge",
     "organise_graph",
     "organise_layers",
     "read_multitask",
