@@ -8,7 +8,7 @@ from torch import nn
 import pamfx
 from pamfx.analysis.activations import build_extractor
 from pamfx.passes.finetune import connection_masks, multilabel_loss
-from pamfx.passes.mtz import mtz_merge
+from pamfx.passes.mtz import compensate, mtz_merge
 from tests.conftest import ARCHITECTURES, example_input, model_set, perturb, randomise
 from tests.test_emit import check_all_combinations
 from tests.test_finetune_prune import synthetic_task_data, two_output_models
@@ -173,3 +173,55 @@ def test_a_one_shot_calibration_iterator_is_refused():
     models, layers = model_set("lenet5", 2)
     with pytest.raises(pamfx.InputError, match="one-shot"):
         mtz_merge(models, example_input(), iter(CALIB.split(8)), layers=layers, progress=False)
+
+
+def test_compensation_is_the_least_squares_fit_on_the_kept_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 5, generator=g, dtype=torch.float64)
+    z = torch.cat([x, torch.ones(300, 1, dtype=torch.float64)], dim=1)  # correlated inputs and the bias
+    hessian = z.T @ z / z.shape[0]
+    rows = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    own = torch.ones(6, dtype=torch.bool)
+    keep = torch.tensor([True, False, True, True, False, True])
+    v, cost = compensate(hessian, rows, own, keep, n=2, damping=1e-12)
+    fit = torch.linalg.lstsq(z[:, keep], z @ rows.T).solution.T
+    assert torch.allclose(v, fit, atol=1e-6)
+    error = ((z[:, keep] @ fit.T - z @ rows.T) ** 2).mean(0)
+    assert torch.allclose(cost, error / 2, rtol=1e-6)
+
+
+def test_pair_costs_are_the_layerwise_error_and_pairs_come_in_ascending_order():
+    """conv1 reads X: ΔE = ½ dᵀ(H_A⁻¹ + H_B⁻¹)⁻¹ d = ¼ dᵀHd with H = E[[patch;1][patch;1]ᵀ] from the calibration set."""
+    models, _ = model_set("lenet5", 2)
+    record = []
+    mtz_merge(models, example_input(), CALIB, record=record, progress=False)
+    patches = torch.nn.functional.unfold(CALIB, 5, padding=2).transpose(1, 2).reshape(-1, 25).double()
+    z = torch.cat([patches, torch.ones(patches.shape[0], 1, dtype=torch.float64)], dim=1)
+    hessian = z.T @ z / z.shape[0]
+
+    def folded(conv, i):
+        return torch.cat([conv.weight[i].flatten(), conv.bias[i : i + 1]]).double().detach()
+
+    every = torch.tensor([[float(d @ hessian @ d) / 4 for d in (folded(models["A"].conv1, i) - folded(models["B"].conv1, j) for j in range(3))] for i in range(6)])
+    conv1 = [z for z in record if z.layer == "conv1"]
+    costs = [z.cost for z in conv1]
+    assert costs == sorted(costs) and costs[0] == pytest.approx(float(every.min()), rel=1e-6)
+    for z in conv1:
+        assert z.cost == pytest.approx(float(every[z.kept[1], z.merged[1]]), rel=1e-6)
+
+
+def test_a_third_task_is_zipped_against_the_sum_of_the_merged_inverse_hessians():
+    """H_AB⁻¹ = H_A⁻¹ + H_B⁻¹ = 2H⁻¹, so Eq. 2.16 gives the group 1/3 and task C 2/3 of the zipped kernel."""
+    models, _ = model_set("lenet5", 3)
+    record = []
+    merged = mtz_merge(models, example_input(), CALIB, record=record, progress=False)
+    origins = pamfx.read_multitask(merged).records["conv1"].origins
+    partner = {(z.kept, z.merged[0]): z.merged for z in record if z.layer == "conv1"}
+    weight = merged.get_submodule("conv1").weight
+    triples = [kept for (kept, task) in partner if task == "C" and (kept, "B") in partner]
+    assert triples
+    for kept in triples:
+        a = models["A"].conv1.weight[kept[1]]
+        b = models["B"].conv1.weight[partner[(kept, "B")][1]]
+        c = models["C"].conv1.weight[partner[(kept, "C")][1]]
+        assert torch.allclose(weight[origins.index(kept)], (a + b) / 6 + 2 * c / 3, atol=1e-6)

@@ -47,7 +47,7 @@ from pamfx.ir.neuron_layer import META_LAYER, META_MASK, LayerMap, LayerTaskSets
 from pamfx.ir.task_set import TaskSet, is_subset
 from pamfx.passes.finetune import TaskLoss, finetune
 from pamfx.passes.merge import merge
-from pamfx.passes.module_surgery import expand_mask
+from pamfx.passes.module_surgery import channel_tensors, expand_mask
 from pamfx.passes.select_channels import select_channels
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -73,7 +73,6 @@ class _Producer:
 
     node: fx.Node
     module: nn.Module
-    block: int
     source: str | None
     norm: nn.Module | None
     hessian: torch.Tensor | None = None
@@ -106,6 +105,29 @@ def _check_norm(node: fx.Node, norm: nn.Module) -> None:
         )
 
 
+def compensate(
+    hessian: torch.Tensor, rows: torch.Tensor, own: torch.Tensor, keep: torch.Tensor, n: int, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares targets on the kept features and the error of dropping the others, per row.
+
+    Rows read features ``own`` (bool); the zipped channel may read only ``keep`` ⊆ own. Over the
+    input Hessian H, the best weight on I = keep is v = w_I + (H_II + λI)⁻¹ H_IE w_E (E = own − keep,
+    λ = ``damping`` · mean diag H_II), and dropping E costs w_Eᵀ(H_EE − H_EI H_II⁻¹ H_IE)w_E, here
+    under the Hessian H / n of a side of n tasks. Returns ``(v [rows, |I|], cost [rows])``.
+    """
+    drop = own & ~keep
+    v = rows[:, keep].clone()
+    if not drop.any():
+        return v, rows.new_zeros(rows.shape[0])
+    h_ii = hessian[keep][:, keep]
+    ridge = damping * h_ii.diagonal().mean().clamp_min(1e-12)
+    rhs = hessian[keep][:, drop] @ rows[:, drop].T
+    solved = torch.linalg.solve(h_ii + ridge * torch.eye(h_ii.shape[0], dtype=hessian.dtype), rhs)
+    w_e = rows[:, drop]
+    residual = ((w_e @ hessian[drop][:, drop]) * w_e).sum(1) - (rhs * solved).sum(0)
+    return v + solved.T, residual.clamp_min(0) / n
+
+
 class _Zipper:
     def __init__(self, gm: fx.GraphModule, calib, batch_size: int, damping: float, zip_degree: float):
         self.gm = gm
@@ -134,8 +156,7 @@ class _Zipper:
             if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], BATCHNORMS):
                 norm = modules[users[0].target]
                 _check_norm(users[0], norm)
-            info = view.layers.nodes[name]
-            out.append(_Producer(node, module, view.layers.nodes[node.args[0].name].block, info.source, norm))
+            out.append(_Producer(node, module, view.layers.nodes[name].source, norm))
         return out
 
     def features(self, producer: _Producer, x: torch.Tensor) -> torch.Tensor:
@@ -195,34 +216,13 @@ class _Zipper:
 
     def allowed(self, view: MultitaskView, p: _Producer, task_set: TaskSet) -> torch.Tensor:
         """Bool over p's input features: may a channel of ``task_set`` read it (τ ⊆ τ_in)?"""
-        width = p.module.weight.shape[1] * (p.module.weight[0, 0].numel() if p.module.weight.dim() == 4 else 1)
+        width = p.module.weight[0].numel()  # input channels × (kernel positions or flattened block)
         if p.source is None:
             feats = torch.ones(width, dtype=torch.bool)
         else:
             per_channel = torch.tensor([is_subset(task_set, t) for t in view.records[p.source].task_sets])
             feats = per_channel.repeat_interleave(width // per_channel.numel())
         return torch.cat([feats, torch.ones(1, dtype=torch.bool)]) if self.has_bias(p) else feats
-
-    def targets(self, p: _Producer, rows: torch.Tensor, own: torch.Tensor, keep: torch.Tensor, n: int):
-        """Compensated targets on the kept features and the error of dropping the others (per row).
-
-        A side of n tasks reads features ``own``; the zipped channel keeps ``keep`` ⊆ own. The
-        least-squares weight on ``keep`` is v = w_I + (H_II + λI)⁻¹ H_IE w_E; dropping E costs
-        w_Eᵀ(H_EE − H_EI H_II⁻¹ H_IE)w_E under the side's Hessian H / n.
-        """
-        h = p.hessian
-        drop = own & ~keep
-        v = rows[:, keep].clone()
-        if not drop.any():
-            return v, rows.new_zeros(rows.shape[0])
-        h_ii = h[keep][:, keep]
-        damping = self.damping * h_ii.diagonal().mean().clamp_min(1e-12)
-        rhs = h[keep][:, drop] @ rows[:, drop].T
-        solved = torch.linalg.solve(h_ii + damping * torch.eye(h_ii.shape[0], dtype=h.dtype), rhs)
-        v += solved.T
-        w_e = rows[:, drop]
-        residual = ((w_e @ h[drop][:, drop]) * w_e).sum(1) - (rhs * solved).sum(0)
-        return v, residual.clamp_min(0) / n
 
     # -- one zipping step: task ``task`` into the group ``group`` ---------------------------------
     def step(self, layer: str, group: TaskSet, task: str, chosen: list[tuple[tuple[str, int], tuple[str, int]]] | None):
@@ -241,8 +241,8 @@ class _Zipper:
         for p in producers:
             rows = self.weight_rows(p)
             keep = self.allowed(view, p, new_set)
-            v_p, r_p = self.targets(p, rows[side_p], self.allowed(view, p, group), keep, n_p)
-            v_q, r_q = self.targets(p, rows[side_q], self.allowed(view, p, bit), keep, n_q)
+            v_p, r_p = compensate(p.hessian, rows[side_p], self.allowed(view, p, group), keep, n_p, self.damping)
+            v_q, r_q = compensate(p.hessian, rows[side_q], self.allowed(view, p, bit), keep, n_q, self.damping)
             metric = p.hessian[keep][:, keep] / (n_p + n_q)  # (H_P⁻¹ + H_Q⁻¹)⁻¹
             quad_p = ((v_p @ metric) * v_p).sum(1)
             quad_q = ((v_q @ metric) * v_q).sum(1)
@@ -327,13 +327,13 @@ class _Zipper:
             if isinstance(module, BATCHNORMS):
                 _check_norm(node, module)
                 a, c = _norm_affine(module)
-                mix = lambda t: float(t[r] + weight_q * (t[q] - t[r]))  # noqa: E731
-                _set_norm(module, r, mix(a), mix(c), mix(module.running_mean.double()), mix(module.running_var.double()))
+                mean, var = module.running_mean.double(), module.running_var.double()
+                mixed = [float(t[r] + weight_q * (t[q] - t[r])) for t in (a, c, mean, var)]
+                _set_norm(module, r, *mixed)
             elif isinstance(module, nn.Conv2d):
-                for t in (module.weight, module.bias):
-                    if t is not None:
-                        t[r] += weight_q * (t[q] - t[r])
-            elif any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+                for t in channel_tensors(module).values():
+                    t[r] += weight_q * (t[q] - t[r])
+            elif channel_tensors(module):
                 raise UnsupportedOpError(
                     f"mtz: {_describe(node)}: per-channel module {type(module).__name__} cannot be zipped"
                 )
