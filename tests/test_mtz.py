@@ -3,6 +3,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import pamfx
@@ -33,6 +35,24 @@ def test_every_combination_emits_the_merged_network(arch_name, k):
         assert sets.count(everyone) == min(layers[name].widths().values())
         assert len(sets) == layers[name].width - (k - 1) * sets.count(everyone)
     check_all_combinations(perturb(merged, 0).eval(), layers)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arch=st.sampled_from(ARCHITECTURES), k=st.sampled_from([2, 3]), degree=st.floats(0.0, 1.0), seed=st.integers(0, 2**16)
+)
+def test_any_zip_degree_and_calibration_set_gives_a_valid_network(arch, k, degree, seed):
+    """Partial zipping leaves exclusive channels below zipped ones: the masks and emit must still agree."""
+    models, layers = model_set(arch, k)
+    calib = example_input(batch=6, seed=seed)
+    merged = mtz_merge(models, example_input(), calib, layers=layers, zip_degree=degree, progress=False)
+    view = pamfx.read_multitask(merged)
+    for name in layers.names:  # the first two tasks zip a fraction of their pairs; a third joins that group
+        widths = list(layers[name].widths().values())
+        assert view.records[name].task_sets.count(layers.tasks.all) == min([int(degree * min(widths[:2]))] + widths[2:])
+    for weight, mask in connection_masks(merged):
+        assert torch.count_nonzero(weight[mask == 0]) == 0
+    check_all_combinations(merged.eval(), layers)
 
 
 def test_zip_degree_zero_reproduces_the_originals(arch):

@@ -25,7 +25,8 @@ apply unchanged. ``docs/mtz.md`` derives every choice below.
 - Residual blocks: layers joined by identity shortcuts are coupled; the first of them picks the
   pairs and the others zip the same pairs (the approximate method of Sec. 2.4.2.3); the producers
   of one layer (last conv and downsample) are zipped together as one neuron (ΔE summed).
-- Differing widths: ``zip_degree`` · min(|P|, |Q|) pairs (rounded down); the rest stay exclusive.
+- Differing widths: ⌊``zip_degree`` · min(|P|, |Q|)⌋ pairs for the first two tasks, min(|P|, |Q|)
+  for each later task (it joins the zipped group, as in the authors' code); the rest stay exclusive.
 """
 from __future__ import annotations
 
@@ -251,7 +252,8 @@ class _Zipper:
             prepared.append((p, keep, v_p, v_q))
         origin = record.origins
         if chosen is None:
-            pairs = self.greedy(cost, math.floor(self.zip_degree * min(len(side_p), len(side_q)) + 1e-9))
+            degree = self.zip_degree if n_p == 1 else 1.0  # later tasks join the whole zipped group
+            pairs = self.greedy(cost, math.floor(degree * min(len(side_p), len(side_q)) + 1e-9))
         else:
             index_p = {origin[c]: i for i, c in enumerate(side_p)}
             index_q = {origin[c]: j for j, c in enumerate(side_q)}
@@ -411,8 +413,9 @@ def mtz_merge(
 
     ``calib``: inputs for the layer-wise Hessians (a tensor, or a DataLoader of inputs or
     ``(inputs, ...)`` batches, as `collect_activations` takes); read once per layer. Tasks are zipped
-    in the order of ``models``. ``zip_degree``: the fraction of the min(|P|, |Q|) possible pairs
-    zipped per layer (1.0, the paper's: all). With ``train_loader`` and ``loss_fn`` (as for
+    in the order of ``models``. ``zip_degree``: the fraction of the min(N_1, N_2) possible pairs of
+    the first two tasks zipped per layer (1.0, the paper's: all); each later task is zipped into
+    that group as far as widths allow. With ``train_loader`` and ``loss_fn`` (as for
     `finetune`) each layer is followed by ``finetune_steps`` joint fine-tuning steps. ``damping``:
     relative ridge on H in the compensation solve. ``record``, when given, receives every `Zip`.
     """
