@@ -45,7 +45,7 @@ from pamfx.analysis.layer_organisation import DENSE, HEAD, SHORTCUT, Submodules,
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
 from pamfx.errors import InputError, UnsupportedOpError
 from pamfx.ir.neuron_layer import META_LAYER, META_MASK, LayerMap, LayerTaskSets
-from pamfx.ir.task_set import TaskSet, is_subset
+from pamfx.ir.task_set import TaskSet, is_subset, popcount
 from pamfx.passes.finetune import TaskLoss, finetune
 from pamfx.passes.merge import merge
 from pamfx.passes.module_surgery import channel_tensors, expand_mask
@@ -226,30 +226,40 @@ class _Zipper:
         return torch.cat([feats, torch.ones(1, dtype=torch.bool)]) if self.has_bias(p) else feats
 
     # -- one zipping step: task ``task`` into the group ``group`` ---------------------------------
-    def step(self, layer: str, group: TaskSet, task: str, chosen: list[tuple[tuple[str, int], tuple[str, int]]] | None):
-        """Zip ``task``'s channels of ``layer`` into those of task set ``group``; returns the zips."""
-        view = read_multitask(self.gm)
-        record = view.records[layer]
-        bit = self.tasks.bit(task)
-        side_p = [c for c, t in enumerate(record.task_sets) if t == group]
-        side_q = [c for c, t in enumerate(record.task_sets) if t == bit]
-        n_p, n_q = bin(group).count("1"), 1
-        producers = self.producers(view, layer)
-        self.collect_hessians(layer, producers)
-        new_set = group | bit
-        prepared = []
+    def pair_costs(self, view: MultitaskView, producers: list[_Producer], side_p: list[int], side_q: list[int],
+                   group: TaskSet, bit: TaskSet) -> tuple[torch.Tensor, list]:
+        """ΔE of every (P, Q) pair summed over the producers (Eq. 2.14 plus the removed inputs' error),
+        and per producer the compensated targets of both sides on the zipped channel's inputs."""
+        n_p, n_q = popcount(group), popcount(bit)
         cost = torch.zeros(len(side_p), len(side_q), dtype=torch.float64)
+        prepared = []
         for p in producers:
             rows = self.weight_rows(p)
-            keep = self.allowed(view, p, new_set)
+            keep = self.allowed(view, p, group | bit)
             v_p, r_p = compensate(p.hessian, rows[side_p], self.allowed(view, p, group), keep, n_p, self.damping)
             v_q, r_q = compensate(p.hessian, rows[side_q], self.allowed(view, p, bit), keep, n_q, self.damping)
-            metric = p.hessian[keep][:, keep] / (n_p + n_q)  # (H_P⁻¹ + H_Q⁻¹)⁻¹
+            metric = p.hessian[keep][:, keep] / (n_p + n_q)  # (H_P⁻¹ + H_Q⁻¹)⁻¹ with H_P⁻¹ = n_P H⁻¹
             quad_p = ((v_p @ metric) * v_p).sum(1)
             quad_q = ((v_q @ metric) * v_q).sum(1)
             cost += 0.5 * (quad_p[:, None] + quad_q[None, :] - 2 * v_p @ metric @ v_q.T)
             cost += 0.5 * (r_p[:, None] + r_q[None, :])
             prepared.append((p, keep, v_p, v_q))
+        return cost, prepared
+
+    def step(self, layer: str, group: TaskSet, task: str,
+             chosen: list[tuple[tuple[str, int], tuple[str, int]]] | None) -> list[Zip]:
+        """Zip ``task``'s channels of ``layer`` into those of task set ``group`` (``chosen``: the pairs,
+        by origin, that the first layer of a residual chain picked); returns the zipped pairs."""
+        view = read_multitask(self.gm)
+        record = view.records[layer]
+        bit = self.tasks.bit(task)
+        side_p = [c for c, t in enumerate(record.task_sets) if t == group]
+        side_q = [c for c, t in enumerate(record.task_sets) if t == bit]
+        n_p, n_q = popcount(group), popcount(bit)
+        producers = self.producers(view, layer)
+        self.collect_hessians(layer, producers)
+        cost, prepared = self.pair_costs(view, producers, side_p, side_q, group, bit)
+        new_set = group | bit
         origin = record.origins
         if chosen is None:
             degree = self.zip_degree if n_p == 1 else 1.0  # later tasks join the whole zipped group
@@ -416,7 +426,8 @@ def mtz_merge(
     in the order of ``models``. ``zip_degree``: the fraction of the min(N_1, N_2) possible pairs of
     the first two tasks zipped per layer (1.0, the paper's: all); each later task is zipped into
     that group as far as widths allow. With ``train_loader`` and ``loss_fn`` (as for
-    `finetune`) each layer is followed by ``finetune_steps`` joint fine-tuning steps. ``damping``:
+    `finetune`) each layer is followed by ``finetune_steps`` joint fine-tuning steps (optimiser
+    steps, over as many passes of the loader as that takes). ``damping``:
     relative ridge on H in the compensation solve. ``record``, when given, receives every `Zip`.
     """
     if not 0.0 <= zip_degree <= 1.0:
@@ -442,8 +453,8 @@ def mtz_merge(
             if record is not None:
                 record.extend(zips)
         if train_loader is not None:
-            finetune(zipper.gm, train_loader, loss_fn, max_steps=finetune_steps, lr=lr, recalibrate_bn=False,
-                     seed=seed, progress=False)
+            finetune(zipper.gm, train_loader, loss_fn, epochs=finetune_steps, max_steps=finetune_steps, lr=lr,
+                     recalibrate_bn=False, seed=seed, progress=False)  # exactly finetune_steps steps
     gm = zipper.gm
     gm.train(training)
     return gm
