@@ -245,3 +245,11 @@ def test_a_third_task_is_zipped_against_the_sum_of_the_merged_inverse_hessians()
         b = models["B"].conv1.weight[partner[(kept, "B")][1]]
         c = models["C"].conv1.weight[partner[(kept, "C")][1]]
         assert torch.allclose(weight[origins.index(kept)], (a + b) / 6 + 2 * c / 3, atol=1e-6)
+
+
+def test_channel_selection_on_a_zipped_network_keeps_it_valid():
+    """What structured pruning does to it: drop every third channel of every layer, shortcuts included."""
+    models, layers, merged = zipped("resnet", 3, zip_degree=0.5)
+    view = pamfx.read_multitask(merged)
+    keep = {name: [c for c in range(record.width) if c % 3] for name, record in view.records.items()}
+    check_all_combinations(pamfx.select_channels(merged, keep).eval(), layers)
