@@ -25,7 +25,7 @@ from pamfx.errors import (
 from pamfx.frontend import trace
 from pamfx.ir import Grouping, LayerMap, NeuronLayer, TaskSpace
 from pamfx.passes.merge import merge
-from pamfx.passes.mtz import Zip, mtz_merge
+from pamfx.passes.mtz import ZippedPair, mtz_merge
 from pamfx.passes.select_channels import select_channels, sort_channels
 
 __version__ = "0.1.0"
@@ -50,7 +50,7 @@ __all__ = [
     "TaskSpace",
     "TraceError",
     "UnsupportedOpError",
-    "Zip",
+    "ZippedPair",
     "collect_activations",
     "cost",
     "emit",

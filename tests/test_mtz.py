@@ -222,7 +222,8 @@ def test_pair_costs_are_the_layerwise_error_and_pairs_come_in_ascending_order():
     def folded(conv, i):
         return torch.cat([conv.weight[i].flatten(), conv.bias[i : i + 1]]).double().detach()
 
-    every = torch.tensor([[float(d @ hessian @ d) / 4 for d in (folded(models["A"].conv1, i) - folded(models["B"].conv1, j) for j in range(3))] for i in range(6)])
+    a, b = models["A"].conv1, models["B"].conv1
+    every = torch.tensor([[float((d := folded(a, i) - folded(b, j)) @ hessian @ d) / 4 for j in range(3)] for i in range(6)])
     conv1 = [z for z in record if z.layer == "conv1"]
     costs = [z.cost for z in conv1]
     assert costs == sorted(costs) and costs[0] == pytest.approx(float(every.min()), rel=1e-6)

@@ -55,7 +55,7 @@ BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 @dataclass(frozen=True)
-class Zip:
+class ZippedPair:
     """One zipped pair: channel ``merged`` (of the task being zipped in) became channel ``kept``.
 
     Channels are named by their origin ``(task, channel)`` in the original networks; ``cost`` is
@@ -247,7 +247,7 @@ class _Zipper:
         return cost, prepared
 
     def step(self, layer: str, group: TaskSet, task: str,
-             chosen: list[tuple[tuple[str, int], tuple[str, int]]] | None) -> list[Zip]:
+             chosen: list[tuple[tuple[str, int], tuple[str, int]]] | None) -> list[ZippedPair]:
         """Zip ``task``'s channels of ``layer`` into those of task set ``group`` (``chosen``: the pairs,
         by origin, that the first layer of a residual chain picked); returns the zipped pairs."""
         view = read_multitask(self.gm)
@@ -275,7 +275,7 @@ class _Zipper:
                 self.write_producer(p, r, keep, v_p[i] + weight_q * (v_q[j] - v_p[i]))
             self.zip_channelwise(view, layer, r, q, weight_q, {id(p.norm) for p in producers})
             self.move_readers(view, layer, r, q)
-        zips = [Zip(layer, origin[side_p[i]], origin[side_q[j]], float(cost[i, j])) for i, j in pairs]
+        zips = [ZippedPair(layer, origin[side_p[i]], origin[side_q[j]], float(cost[i, j])) for i, j in pairs]
         sets = list(record.task_sets)
         for i, _ in pairs:
             sets[side_p[i]] = new_set
@@ -324,7 +324,9 @@ class _Zipper:
         _set_norm(p.norm, r, 1.0, b, mean, var)
 
     @torch.no_grad()
-    def zip_channelwise(self, view: MultitaskView, layer: str, r: int, q: int, weight_q: float, folded: set[int]) -> None:
+    def zip_channelwise(
+        self, view: MultitaskView, layer: str, r: int, q: int, weight_q: float, folded: set[int]
+    ) -> None:
         """Per-channel modules after the producers (depthwise conv, BatchNorm): channel r becomes the
         weighted average of r and q (MTZ's update when both sides read the same input)."""
         modules = Submodules(self.gm)
@@ -415,7 +417,7 @@ def mtz_merge(
     lr: float = 1e-3,
     batch_size: int = 256,
     layers: LayerMap | None = None,
-    record: list[Zip] | None = None,
+    record: list[ZippedPair] | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> fx.GraphModule:
@@ -428,7 +430,7 @@ def mtz_merge(
     that group as far as widths allow. With ``train_loader`` and ``loss_fn`` (as for
     `finetune`) each layer is followed by ``finetune_steps`` joint fine-tuning steps (optimiser
     steps, over as many passes of the loader as that takes). ``damping``:
-    relative ridge on H in the compensation solve. ``record``, when given, receives every `Zip`.
+    relative ridge on H in the compensation solve. ``record``, when given, receives every `ZippedPair`.
     """
     if not 0.0 <= zip_degree <= 1.0:
         raise InputError(f"mtz: zip_degree must be in [0, 1], got {zip_degree}")
