@@ -415,7 +415,7 @@ def mtz_merge(
     damping: float = 1e-2,
     finetune_steps: int = 50,
     lr: float = 1e-3,
-    batch_size: int = 256,
+    batch_size: int = 32,
     layers: LayerMap | None = None,
     record: list[ZippedPair] | None = None,
     seed: int = 0,
@@ -430,7 +430,9 @@ def mtz_merge(
     that group as far as widths allow. With ``train_loader`` and ``loss_fn`` (as for
     `finetune`) each layer is followed by ``finetune_steps`` joint fine-tuning steps (optimiser
     steps, over as many passes of the loader as that takes). ``damping``:
-    relative ridge on H in the compensation solve. ``record``, when given, receives every `ZippedPair`.
+    relative ridge on H in the compensation solve. ``batch_size``: calibration inputs per pass when
+    ``calib`` is a tensor (a conv's unfolded patches of one batch are held at once). ``record``,
+    when given, receives every `ZippedPair`.
     """
     if not 0.0 <= zip_degree <= 1.0:
         raise InputError(f"mtz: zip_degree must be in [0, 1], got {zip_degree}")
