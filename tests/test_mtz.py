@@ -147,8 +147,8 @@ def test_singular_hessians_give_finite_weights(arch_name, calib):
 def test_joint_finetune_keeps_forbidden_connections_exactly_zero():
     models = two_output_models("resnet", 3)
     loader, label_map = synthetic_task_data(3, n=64)
-    merged = mtz_merge(
-        models, example_input(), CALIB, train_loader=loader, loss_fn=multilabel_loss(label_map), finetune_steps=2,
+    merged = mtz_merge(  # the training loader doubles as the calibration set: (inputs, labels) batches
+        models, example_input(), loader, train_loader=loader, loss_fn=multilabel_loss(label_map), finetune_steps=2,
         progress=False,
     )
     forbidden = 0
