@@ -254,3 +254,20 @@ def test_channel_selection_on_a_zipped_network_keeps_it_valid():
     view = pamfx.read_multitask(merged)
     keep = {name: [c for c in range(record.width) if c % 3] for name, record in view.records.items()}
     check_all_combinations(pamfx.select_channels(merged, keep).eval(), layers)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda m: setattr(m.features, "1", nn.BatchNorm2d(m.features[1].num_features, affine=False).eval()),
+         r"features_1.*features\.1.*affine"),
+        (lambda m: setattr(m.features[0], "padding_mode", "reflect"), r"features_0.*features\.0.*padding"),
+    ],
+    ids=["batchnorm-without-affine", "reflect-padding"],
+)
+def test_what_cannot_be_zipped_exactly_is_refused_naming_node_and_submodule(change, match):
+    models = {t: copy.deepcopy(m) for t, m in model_set("vgg", 2)[0].items()}
+    for model in models.values():
+        change(model)
+    with pytest.raises(pamfx.UnsupportedOpError, match=match):
+        mtz_merge(models, example_input(), CALIB, progress=False)
