@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -53,9 +54,9 @@ def load_config(path: Path) -> ExperimentConfig:
 
 def _run(config: ExperimentConfig, out: Path, progress: bool) -> int:
     started = time.perf_counter()
-    comparison = run_comparison(config, progress=progress)
-    results = results_dict(comparison)
-    paths = write_report(results, out, comparison.regrouping)
+    runs = run_comparison(config, progress=progress)
+    results = results_dict(config, runs)
+    paths = write_report(results, out, runs[0].regrouping)
     print()
     print(format_table(results))
     print()
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text, description=text)
         if name == "run":
             cmd.add_argument("config", type=Path, help="a TOML or YAML file of experiment settings")
+        cmd.add_argument("--seeds", type=int, nargs="+", help="run the whole comparison for these seeds (mean ± std)")
         cmd.add_argument("--out", type=Path, default=Path("pamfx-out"), help="where results and plots go (default: pamfx-out)")
         cmd.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for small nets)")
         cmd.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -83,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     try:
         config = ExperimentConfig() if args.command == "demo" else load_config(args.config)
+        if args.seeds:
+            config = dataclasses.replace(config, seeds=list(args.seeds))
+            config.validate()
         return _run(config, args.out, progress=not args.no_progress)
     except PamfxError as err:
         print(f"pamfx: error: {err}", file=sys.stderr)

@@ -1,67 +1,90 @@
-"""The comparison of Sec. 4.6: baseline 1 (prune each network) vs. PAM (merge, then prune).
+"""The comparison of Sec. 4.6: baseline 1 (prune each network) vs. PAM (merge, then prune), over seeds.
 
-For one configuration: train (or load from the cache) K single-task networks, prune each one
-separately (baseline 1), regroup + merge + fine-tune + prune the merged network (PAM), both held
-to the same per-task accuracy tolerance on the *calibration* split, then report the FLOPs,
-parameters and test accuracy of every task combination, the average and peak gain of PAM over
-baseline 1, and the sharing ratio of every layer. Further baselines (MTZ) plug into
-`Comparison.methods`.
+For one configuration and each seed: build the data (seeded), train (or load from the cache) K
+single-task networks, then
+
+- **baseline1**: prune every single-task network on its own;
+- **pam**: regroup (Alg. 4 / 5) + merge + fine-tune, then prune the merged network;
+
+both with the same pruner (P2 Taylor or P1 VIB), schedule and fine-tuning budget per network.
+Every pruning run records a trajectory (`pamfx.passes.prune.Trajectory`); each method's network
+is its cheapest checkpoint at which every task's *calibration* accuracy stays within
+``tolerance`` of its unpruned single-task network (matched accuracy), and only that checkpoint is
+evaluated on the test split. Gains (Sec. 4.6.1) are per seed and then summarised as mean ± std.
 """
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import fx
 from torch.utils.data import DataLoader, Dataset
 
-from pamfx.analysis.cost import cost
+from pamfx.analysis.cost import combination_weights, cost, cross_origin_flops
 from pamfx.analysis.layer_organisation import organise_layers
 from pamfx.analysis.multitask_view import read_multitask
-from pamfx.analysis.regroup import regroup
+from pamfx.analysis.regroup import RegroupResult, regroup
 from pamfx.data import load_dataset, task_split
 from pamfx.errors import InputError
-from pamfx.ir.task_set import TaskSpace
+from pamfx.ir.task_set import TaskSet, TaskSpace
 from pamfx.passes.finetune import finetune, multilabel_loss
 from pamfx.passes.merge import as_multitask, merge
-from pamfx.passes.prune import PruneResult, prune_taylor
+from pamfx.passes.prune import Checkpoint, Trajectory, check_calibration_noise, recover
+from pamfx.passes.taylor import prune_taylor
+from pamfx.passes.vib import prune_vib
 from pamfx.zoo.train import evaluate_multitask, get_or_train
+
+PRUNERS = ("taylor", "vib")
+METHODS = ("baseline1", "pam")
 
 
 @dataclass
 class ExperimentConfig:
-    """Everything that defines one comparison run; the defaults are the built-in demo."""
+    """Everything that defines one comparison; the defaults are the built-in demo."""
 
-    dataset: str = "tiled-digits"
+    dataset: str = "tiled-mnist"
     model: str = "lenet5"
     tasks: int = 2
-    seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0])
     n_train: int = 3000
-    n_calib: int = 1000
-    n_test: int = 1000
+    n_calib: int = 3000
+    n_test: int = 2000
     width: float = 1.0
-    epochs: int = 10
+    epochs: int = 3
     lr: float = 3e-3
     batch_size: int = 32
-    alpha: float = 0.1
+    alpha: float = 0.3
     relative_alpha: bool = True
     regroup_samples: int = 300
     regroup_variant: str = "full"
     finetune_epochs: int = 2
     finetune_lr: float = 1e-3
+    pruner: str = "taylor"
     tolerance: float = 0.005
+    search_tolerance: float = 0.01
+    strict_noise: bool = False
+    combination_weights: dict[str, float] | None = None
     prune_step: float = 0.1
     prune_finetune_steps: int = 60
-    prune_rounds: int = 200
+    prune_rounds: int = 40
+    prune_patience: int = 3
+    prune_floor: float = 0.02
+    importance_batches: int = 10
+    recover_candidates: int = 3
+    recover_epochs: int = 2
+    vib_epochs: int = 8
+    vib_kl: float = 2e-3
+    vib_lr: float = 1e-2
     cache: str | None = None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ExperimentConfig":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(values) - set(known)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
         if unknown:
             raise InputError(f"unknown config keys {sorted(unknown)}; known keys are {sorted(known)}")
         config = cls(**dict(values))
@@ -69,158 +92,277 @@ class ExperimentConfig:
         return config
 
     def validate(self) -> None:
-        if self.tolerance < 0 or self.tolerance > 1:
-            raise InputError(f"config 'tolerance' must be an accuracy difference in [0, 1], got {self.tolerance}")
-        if self.alpha < 0:
-            raise InputError(f"config 'alpha' must be >= 0, got {self.alpha}")
-        if self.regroup_samples < 2:
-            raise InputError(f"config 'regroup_samples' must be >= 2, got {self.regroup_samples}")
-        if not 0 < self.prune_step <= 1:
-            raise InputError(f"config 'prune_step' must be in (0, 1], got {self.prune_step}")
+        checks = [
+            (0 <= self.tolerance <= 1, f"'tolerance' must be an accuracy difference in [0, 1], got {self.tolerance}"),
+            (self.search_tolerance >= self.tolerance,
+             f"'search_tolerance' ({self.search_tolerance}) must be >= 'tolerance' ({self.tolerance})"),
+            (self.alpha >= 0, f"'alpha' must be >= 0, got {self.alpha}"),
+            (self.regroup_samples >= 2, f"'regroup_samples' must be >= 2, got {self.regroup_samples}"),
+            (0 < self.prune_step <= 1, f"'prune_step' must be in (0, 1], got {self.prune_step}"),
+            (0 <= self.prune_floor < 1, f"'prune_floor' must be in [0, 1), got {self.prune_floor}"),
+            (self.pruner in PRUNERS, f"'pruner' must be one of {PRUNERS}, got {self.pruner!r}"),
+            (isinstance(self.seeds, list) and len(self.seeds) > 0 and all(isinstance(s, int) and s >= 0 for s in self.seeds),
+             f"'seeds' must be a non-empty list of non-negative ints, got {self.seeds!r}"),
+            (self.vib_kl >= 0 and self.vib_epochs >= 1, "'vib_kl' must be >= 0 and 'vib_epochs' >= 1"),
+            (self.recover_candidates >= 0 and self.recover_epochs >= 1,
+             "'recover_candidates' must be >= 0 and 'recover_epochs' >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(f"config {message}")
 
 
 @dataclass
 class MethodResult:
-    """One method's pruned network(s) and their per-combination cost and accuracy."""
+    """One method's selected network(s) on one seed: per-combination cost, accuracies, trajectories."""
 
-    flops: dict[int, int]
-    params: dict[int, int]
-    accuracy: dict[str, float]
-    prune: list[PruneResult]
+    flops: dict[TaskSet, int]
+    params: dict[TaskSet, int]
+    test_accuracy: dict[str, float]
+    calib_accuracy: dict[str, float]
+    matched: bool
+    trajectories: dict[str, Trajectory]
     seconds: float
 
 
 @dataclass
-class Comparison:
-    config: ExperimentConfig
+class SeedRun:
+    """The comparison on one seed."""
+
+    seed: int
     tasks: TaskSpace
-    reference_accuracy: dict[str, float]
+    reference: dict[str, float]
+    calib_reference: dict[str, float]
+    weights: dict[TaskSet, float]
     methods: dict[str, MethodResult] = field(default_factory=dict)
     sharing_ratio: dict[str, dict[str, float]] = field(default_factory=dict)
     group_sizes: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
-    regrouping: Any = None
+    cross_origin_share: dict[str, float] = field(default_factory=dict)
+    regrouping: RegroupResult | None = None
 
 
-def _loader(data: Dataset, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+def _loader(data: Dataset, batch_size: int, seed: int) -> DataLoader:
+    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
-def _evaluator(data: Dataset, label_map: Mapping[str, list[int]]):
-    def evaluate(network: fx.GraphModule) -> dict[str, float]:
+def _parse_weights(tasks: TaskSpace, spec: Mapping[str, float] | None) -> dict[TaskSet, float]:
+    if spec is None:
+        return combination_weights(tasks)
+    try:
+        return combination_weights(tasks, {tuple(key.split("&")): w for key, w in spec.items()})
+    except InputError as err:
+        raise InputError(f"config 'combination_weights': {err} (keys are task names joined by '&')") from err
+
+
+class _Pruner:
+    """The configured pruner (P1 or P2) bound to one seed's data; the same for every method."""
+
+    def __init__(self, config: ExperimentConfig, seed: int, train: DataLoader, calib: Dataset,
+                 label_map: Mapping[str, list[int]], reference: Mapping[str, float], progress: bool):
+        self.config, self.seed, self.train, self.calib = config, seed, train, calib
+        self.label_map, self.reference, self.progress = label_map, reference, progress
+
+    def __call__(self, network: fx.GraphModule) -> Trajectory:
+        c = self.config
         tasks = read_multitask(network).tasks
-        return evaluate_multitask(network, data, {t: label_map[t] for t in tasks})
+        labels = {t: self.label_map[t] for t in tasks}
+        loss = multilabel_loss(labels)
+        weights = _parse_weights(tasks, c.combination_weights if len(tasks) > 1 else None)
 
-    return evaluate
+        def evaluate(net: fx.GraphModule) -> dict[str, float]:
+            return evaluate_multitask(net, self.calib, labels)
+
+        common = dict(reference={t: self.reference[t] for t in tasks}, weights=weights, seed=self.seed,
+                      progress=self.progress)
+        if c.pruner == "taylor":
+            trajectory = prune_taylor(network, self.train, loss, evaluate, search_tolerance=c.search_tolerance, tolerance=c.tolerance,
+                                importance_batches=c.importance_batches, step_fraction=c.prune_step,
+                                finetune_steps=c.prune_finetune_steps, lr=c.finetune_lr, floor=c.prune_floor,
+                                max_rounds=c.prune_rounds, patience=c.prune_patience, **common)
+        else:
+            trajectory = prune_vib(network, self.train, loss, evaluate, search_tolerance=c.search_tolerance,
+                                   epochs=c.vib_epochs, kl_weight=c.vib_kl, patience=c.prune_patience,
+                                   gate_lr=c.vib_lr, lr=c.finetune_lr, **common)
+        if c.recover_candidates:
+            recover(trajectory, self.train, loss, evaluate, tolerance=c.tolerance, candidates=c.recover_candidates,
+                    epochs=c.recover_epochs, lr=c.finetune_lr, seed=self.seed, progress=self.progress)
+        return trajectory
 
 
-def _prune(network: fx.GraphModule, config: ExperimentConfig, train: DataLoader, calib: Dataset,
-           label_map: Mapping[str, list[int]], reference: Mapping[str, float], progress: bool) -> PruneResult:
-    tasks = list(read_multitask(network).tasks)
-    return prune_taylor(
-        network, train, multilabel_loss(label_map), _evaluator(calib, label_map),
-        tolerance=config.tolerance, reference={t: reference[t] for t in tasks}, step_fraction=config.prune_step,
-        finetune_steps=config.prune_finetune_steps, max_rounds=config.prune_rounds, seed=config.seed, progress=progress,
-    )
+def _selected(trajectory: Trajectory, tolerance: float) -> tuple[Checkpoint, bool]:
+    point = trajectory.select(tolerance)
+    return point, trajectory.within(point, tolerance)
 
 
-def run_comparison(config: ExperimentConfig, progress: bool = True, log=print) -> Comparison:
-    """Run baseline 1 and PAM on ``config`` (see the module docstring)."""
-    config.validate()
-    data = load_dataset(config.dataset, seed=config.seed, n_train=config.n_train, n_calib=config.n_calib, n_test=config.n_test)
+def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Callable[[str], None] = print) -> SeedRun:
+    """Run baseline 1 and PAM on one seed (see the module docstring)."""
+    data = load_dataset(config.dataset, seed=seed, n_train=config.n_train, n_calib=config.n_calib, n_test=config.n_test)
     label_map = task_split(config.tasks)
     tasks = TaskSpace(tuple(label_map))
-    log(f"[1/4] single-task networks: {config.model} on {config.dataset}, tasks {list(tasks)}")
+    log(f"[seed {seed}] [1/4] single-task networks: {config.model} on {config.dataset}, tasks {list(tasks)}")
     models = {
         t: get_or_train(data, config.model, label_map[t], width=config.width, epochs=config.epochs, lr=config.lr,
-                        batch_size=config.batch_size, seed=config.seed + i, cache=config.cache, progress=progress).eval()
+                        batch_size=config.batch_size, seed=seed * 100 + i, cache=config.cache, progress=progress).eval()
         for i, t in enumerate(tasks)
     }
     example = data.train[0][0][None]
-    train = _loader(data.train, config.batch_size, config.seed, shuffle=True)
+    train = _loader(data.train, config.batch_size, seed)
     calib_reference = {t: evaluate_multitask(m, data.calib, {t: label_map[t]})[t] for t, m in models.items()}
     test_reference = {t: evaluate_multitask(m, data.test, {t: label_map[t]})[t] for t, m in models.items()}
-    comparison = Comparison(config, tasks, test_reference)
+    check_calibration_noise(calib_reference, len(data.calib), {t: len(label_map[t]) for t in tasks}, config.tolerance,
+                            strict=config.strict_noise)
+    run = SeedRun(seed, tasks, test_reference, calib_reference, _parse_weights(tasks, config.combination_weights))
+    pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
 
-    log("[2/4] baseline 1: pruning every single-task network separately")
+    log(f"[seed {seed}] [2/4] baseline 1: {config.pruner} pruning of every single-task network")
     start = time.perf_counter()
-    singles = {t: _prune(as_multitask(models[t], example, t), config, train, data.calib, label_map, calib_reference, progress)
-               for t in tasks}
-    log(f"      pruned in {time.perf_counter() - start:.1f} s ({sum(len(r.steps) for r in singles.values())} steps)")
-    single_cost = {t: cost(r.network) for t, r in singles.items()}
-    single_acc = {t: evaluate_multitask(r.network, data.test, {t: label_map[t]})[t] for t, r in singles.items()}
-    comparison.methods["baseline1"] = MethodResult(
+    singles = {t: pruner(as_multitask(models[t], example, t)) for t in tasks}
+    chosen = {t: _selected(traj, config.tolerance) for t, traj in singles.items()}
+    single_cost = {t: cost(point.network) for t, (point, _) in chosen.items()}
+    run.methods["baseline1"] = MethodResult(
         flops={c: sum(single_cost[t].flops for t in tasks.ordered_names(c)) for c in tasks.combinations()},
         params={c: sum(single_cost[t].params for t in tasks.ordered_names(c)) for c in tasks.combinations()},
-        accuracy=single_acc, prune=list(singles.values()), seconds=time.perf_counter() - start,
+        test_accuracy={t: evaluate_multitask(p.network, data.test, {t: label_map[t]})[t] for t, (p, _) in chosen.items()},
+        calib_accuracy={t: p.accuracy[t] for t, (p, _) in chosen.items()},
+        matched=all(ok for _, ok in chosen.values()), trajectories=singles, seconds=time.perf_counter() - start,
     )
+    log(f"          {time.perf_counter() - start:.0f} s; kept "
+        + ", ".join(f"{t} {100 * single_cost[t].flops / cost(models[t], example_input=example).flops:.1f}%" for t in tasks)
+        + " of the unpruned FLOPs")
 
-    log(f"[3/4] PAM: regroup (alpha={config.alpha}{' relative' if config.relative_alpha else ' bits'}), merge, fine-tune")
+    log(f"[seed {seed}] [3/4] PAM: regroup (alpha={config.alpha}{' relative' if config.relative_alpha else ' bits'}), "
+        "merge, fine-tune")
     start = time.perf_counter()
     layers = organise_layers(models, example)
-    # The regrouping greedy costs O(N^2) per scored candidate: it reads the first
-    # ``regroup_samples`` calibration samples (the calibration split is already shuffled).
     n = min(config.regroup_samples, len(data.calib))
-    calib_x = data.calib.images[:n]
     labels = {t: data.calib.labels[:n, label_map[t]] for t in tasks}
-    comparison.regrouping = regroup(layers, calib_x, labels, alpha=config.alpha, relative=config.relative_alpha,
-                                    variant=config.regroup_variant, progress=progress)
-    log(f"      regrouped in {time.perf_counter() - start:.1f} s; shared channels per layer: "
-        + ", ".join(f"{n} {100 * comparison.regrouping.grouping.sharing_ratio(n):.0f}%" for n in layers.names))
-    merged = merge(models, example, comparison.regrouping.grouping, layers=layers)
+    run.regrouping = regroup(layers, data.calib.images[:n], labels, alpha=config.alpha, relative=config.relative_alpha,
+                             variant=config.regroup_variant, progress=progress)
+    merged = merge(models, example, run.regrouping.grouping, layers=layers)
     finetune(merged, train, multilabel_loss(label_map), epochs=config.finetune_epochs, lr=config.finetune_lr,
-             seed=config.seed, progress=progress)
-    log("[4/4] PAM: pruning the merged network, alternating over tasks")
-    prune_start = time.perf_counter()
-    pruned = _prune(merged, config, train, data.calib, label_map, calib_reference, progress)
-    log(f"      pruned in {time.perf_counter() - prune_start:.1f} s ({len(pruned.steps)} steps)")
-    network = pruned.network
+             seed=seed, progress=progress)
+    log(f"[seed {seed}] [4/4] PAM: {config.pruner} pruning of the merged network")
+    trajectory = pruner(merged)
+    point, matched = _selected(trajectory, config.tolerance)
+    network = point.network
     pam_cost = {c: cost(network, c) for c in tasks.combinations()}
-    comparison.methods["pam"] = MethodResult(
-        flops={c: k.flops for c, k in pam_cost.items()},
-        params={c: k.params for c, k in pam_cost.items()},
-        accuracy=evaluate_multitask(network, data.test, label_map), prune=[pruned], seconds=time.perf_counter() - start,
+    run.methods["pam"] = MethodResult(
+        flops={c: k.flops for c, k in pam_cost.items()}, params={c: k.params for c, k in pam_cost.items()},
+        test_accuracy=evaluate_multitask(network, data.test, label_map), calib_accuracy=dict(point.accuracy),
+        matched=matched, trajectories={"pam": trajectory}, seconds=time.perf_counter() - start,
     )
+    log(f"          {time.perf_counter() - start:.0f} s")
     stages = {"merged": read_multitask(merged).grouping(), "pruned": read_multitask(network).grouping()}
-    comparison.sharing_ratio = {
-        stage: {name: g.sharing_ratio(name) for name in g.layer_names} for stage, g in stages.items()
-    }
-    comparison.group_sizes = {
-        stage: {name: g.group_sizes(name) for name in g.layer_names} for stage, g in stages.items()
-    }
-    return comparison
+    run.sharing_ratio = {stage: {name: g.sharing_ratio(name) for name in g.layer_names} for stage, g in stages.items()}
+    run.group_sizes = {stage: {name: g.group_sizes(name) for name in g.layer_names} for stage, g in stages.items()}
+    run.cross_origin_share = {"&".join(tasks.ordered_names(c)): cross_origin_flops(network, c) / k.flops
+                              for c, k in pam_cost.items()}
+    return run
 
 
-def gains(comparison: Comparison, baseline: str, method: str = "pam") -> dict[str, float]:
+def run_comparison(config: ExperimentConfig, progress: bool = True, log: Callable[[str], None] = print) -> list[SeedRun]:
+    """`run_seed` for every seed of ``config``."""
+    config.validate()
+    return [run_seed(config, seed, progress, log) for seed in config.seeds]
+
+
+def gains(run: SeedRun, baseline: str, method: str = "pam") -> dict[str, float]:
     """Average and peak of cost_baseline(S) / cost_method(S) over all combinations S (Sec. 4.6.1)."""
-    base, ours = comparison.methods[baseline].flops, comparison.methods[method].flops
-    ratios = [base[c] / ours[c] for c in comparison.tasks.combinations()]
+    base, ours = run.methods[baseline].flops, run.methods[method].flops
+    ratios = [base[c] / ours[c] for c in run.tasks.combinations()]
     return {"average": sum(ratios) / len(ratios), "peak": max(ratios)}
 
 
-def results_dict(comparison: Comparison) -> dict[str, Any]:
-    """The JSON-ready results: ``combinations``, ``gain``, accuracies, sharing ratios, config."""
-    tasks = comparison.tasks
-    methods = comparison.methods
+def frontier(run: SeedRun, method: str, combo: TaskSet, thresholds: list[float]) -> list[float]:
+    """FLOPs of ``combo`` for ``method`` at each allowed accuracy drop in ``thresholds``.
+
+    Baseline 1 picks each task's network separately at the threshold; a merged network picks its
+    one checkpoint (every task within the threshold, cheapest expected FLOPs).
+    """
+    result = run.methods[method]
+    if method == "baseline1":
+        return [sum(result.trajectories[t].select(d).expected_flops for t in run.tasks.ordered_names(combo))
+                for d in thresholds]
+    trajectory = next(iter(result.trajectories.values()))
+    return [trajectory.select(d).flops[combo] for d in thresholds]
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def _seed_dict(run: SeedRun, search_tolerance: float) -> dict[str, Any]:
+    thresholds = [search_tolerance * k / 8 for k in range(9)]
     combos = []
-    for c in tasks.combinations():
-        names = tasks.ordered_names(c)
+    for c in run.tasks.combinations():
+        names = run.tasks.ordered_names(c)
         combos.append({
             "tasks": names,
-            "flops": {m: r.flops[c] for m, r in methods.items()},
-            "params": {m: r.params[c] for m, r in methods.items()},
-            "accuracy": {m: {t: r.accuracy[t] for t in names} for m, r in methods.items()},
+            "flops": {m: r.flops[c] for m, r in run.methods.items()},
+            "params": {m: r.params[c] for m, r in run.methods.items()},
+            "accuracy": {m: {t: r.test_accuracy[t] for t in names} for m, r in run.methods.items()},
         })
+    trajectories = {
+        m: {name: [{"round": p.round, "accepted": p.accepted, "expected_flops": p.expected_flops,
+                    "flops": {"&".join(run.tasks.ordered_names(c)): f for c, f in p.flops.items()},
+                    "calib_accuracy": p.accuracy} for p in traj.checkpoints]
+            for name, traj in r.trajectories.items()}
+        for m, r in run.methods.items()
+    }
     return {
-        "config": dataclasses.asdict(comparison.config),
+        "seed": run.seed,
+        "reference_accuracy": run.reference,
+        "calib_reference_accuracy": run.calib_reference,
+        "combinations": combos,
+        "gain": {m: gains(run, m) for m in run.methods if m != "pam"},
+        "matched": {m: r.matched for m, r in run.methods.items()},
+        "calib_accuracy": {m: r.calib_accuracy for m, r in run.methods.items()},
+        "sharing_ratio": run.sharing_ratio,
+        "group_sizes": run.group_sizes,
+        "cross_origin_share": run.cross_origin_share,
+        "seconds": {m: r.seconds for m, r in run.methods.items()},
+        "trajectories": trajectories,
+        "frontier": {
+            "tolerances": thresholds,
+            "flops": {"&".join(run.tasks.ordered_names(c)): {m: frontier(run, m, c, thresholds) for m in run.methods}
+                      for c in run.tasks.combinations()},
+        },
+    }
+
+
+def results_dict(config: ExperimentConfig, runs: list[SeedRun]) -> dict[str, Any]:
+    """JSON-ready results: per-seed details and a ``summary`` of means ± std over the seeds."""
+    seeds = [_seed_dict(r, config.search_tolerance) for r in runs]
+    tasks = runs[0].tasks
+    methods = list(runs[0].methods)
+    summary_combos = []
+    for i, c in enumerate(tasks.combinations()):
+        names = tasks.ordered_names(c)
+        summary_combos.append({
+            "tasks": names,
+            "flops": {m: _mean_std([s["combinations"][i]["flops"][m] for s in seeds]) for m in methods},
+            "accuracy": {m: _mean_std([statistics.fmean(s["combinations"][i]["accuracy"][m].values()) for s in seeds])
+                         for m in methods},
+        })
+    accuracy_gap = {
+        t: _mean_std([r.methods["pam"].test_accuracy[t] - r.methods["baseline1"].test_accuracy[t] for r in runs])
+        for t in tasks
+    }
+    return {
+        "config": dataclasses.asdict(config),
         "tasks": list(tasks),
         "flops_convention": "2 x multiply-accumulates of conv and linear layers per input sample (FlopCounterMode)",
         "accuracy_metric": "mean binary accuracy over the task's labels on the test split",
-        "reference_accuracy": comparison.reference_accuracy,
-        "combinations": combos,
-        "gain": {m: gains(comparison, m) for m in methods if m != "pam"},
-        "sharing_ratio": comparison.sharing_ratio,
-        "group_sizes": comparison.group_sizes,
-        "seconds": {m: r.seconds for m, r in methods.items()},
-        "prune_steps": {m: [len(p.steps) for p in r.prune] for m, r in methods.items()},
+        "selection": (f"cheapest checkpoint with every task's calibration accuracy within {config.tolerance} "
+                      "of its unpruned single-task network"),
+        "summary": {
+            "seeds": config.seeds,
+            "combinations": summary_combos,
+            "gain": {m: {k: _mean_std([s["gain"][m][k] for s in seeds]) for k in ("average", "peak")}
+                     for m in methods if m != "pam"},
+            "reference_accuracy": {t: _mean_std([s["reference_accuracy"][t] for s in seeds]) for t in tasks},
+            "test_accuracy_gap_pam_minus_baseline1": accuracy_gap,
+            "matched": {m: all(s["matched"][m] for s in seeds) for m in methods},
+        },
+        "seeds": seeds,
     }
-

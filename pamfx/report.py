@@ -25,41 +25,65 @@ def _atomic_write(path: Path, text: str | None = None, figure=None) -> Path:
     return path
 
 
-def format_table(results: dict[str, Any]) -> str:
-    """Per combination: MFLOPs, kparams and test accuracy of every method, then the gains."""
-    methods = list(results["combinations"][0]["flops"])
-    header = ["tasks"] + [f"MFLOPs {m}" for m in methods] + [f"kparams {m}" for m in methods] + [f"acc {m}" for m in methods]
-    rows = []
-    for combo in results["combinations"]:
-        accuracy = [sum(combo["accuracy"][m].values()) / len(combo["accuracy"][m]) for m in methods]
-        rows.append(
-            ["&".join(combo["tasks"])]
-            + [f"{combo['flops'][m] / 1e6:.3f}" for m in methods]
-            + [f"{combo['params'][m] / 1e3:.1f}" for m in methods]
-            + [f"{100 * a:.2f}%" for a in accuracy]
-        )
+def _pm(stat: dict[str, float], scale: float = 1.0, digits: int = 3, unit: str = "") -> str:
+    return f"{stat['mean'] * scale:.{digits}f}{unit} ± {stat['std'] * scale:.{digits}f}{unit}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths)))]
     lines.append("  ".join("-" * w for w in widths))
     for row in rows:
         lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    ref = ", ".join(f"{t}: {100 * a:.2f}%" for t, a in results["reference_accuracy"].items())
-    lines.append("")
-    lines.append(f"unpruned single-task accuracy: {ref}")
-    for base, gain in results["gain"].items():
-        lines.append(f"PAM gain over {base}: average {gain['average']:.2f}x, peak {gain['peak']:.2f}x (FLOPs ratio)")
+    return lines
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Per combination: MFLOPs and test accuracy of every method (mean ± std over seeds), then the gains."""
+    summary = results["summary"]
+    methods = list(summary["combinations"][0]["flops"])
+    header = (["tasks"] + [f"MFLOPs {m}" for m in methods] + ["pam/" + m for m in methods if m != "pam"]
+              + [f"acc {m}" for m in methods])
+    rows = []
+    for combo in summary["combinations"]:
+        flops = combo["flops"]
+        rows.append(
+            ["&".join(combo["tasks"])]
+            + [_pm(flops[m], 1e-6) for m in methods]
+            + [f"{flops['pam']['mean'] / flops[m]['mean']:.2f}" for m in methods if m != "pam"]
+            + [_pm(combo["accuracy"][m], 100, 2, "%") for m in methods]
+        )
+    lines = _table(header, rows)
+    tolerance = results["config"]["tolerance"]
+    n = len(summary["seeds"])
+    ref = ", ".join(f"{t}: {_pm(a, 100, 2, '%')}" for t, a in summary["reference_accuracy"].items())
+    lines += ["", f"unpruned single-task test accuracy: {ref}"]
+    for base, gain in summary["gain"].items():
+        lines.append(f"PAM gain over {base}: average {_pm(gain['average'], digits=2, unit='x')}, "
+                     f"peak {_pm(gain['peak'], digits=2, unit='x')} (FLOPs ratio, {n} seed{'s' * (n > 1)})")
+    for task, gap in summary["test_accuracy_gap_pam_minus_baseline1"].items():
+        if abs(gap["mean"]) > tolerance:
+            lines.append(f"note: {task}: PAM's test accuracy differs from baseline 1's by {100 * gap['mean']:+.2f} points "
+                         f"(more than the tolerance of {100 * tolerance:.2f}): the costs are not at matched accuracy")
+    for method, matched in summary["matched"].items():
+        if not matched:
+            lines.append(f"note: {method}: on some seed no checkpoint kept every task within the tolerance on the "
+                         "calibration split; its least-deficient checkpoint is reported")
+    lines.append(f"selection: {results['selection']}")
     return "\n".join(lines)
 
 
 def write_csv(results: dict[str, Any], path: Path) -> Path:
+    """One row per seed, combination and method."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    methods = list(results["combinations"][0]["flops"])
-    writer.writerow(["tasks", "method", "flops", "params", "mean_accuracy"])
-    for combo in results["combinations"]:
-        for m in methods:
-            acc = combo["accuracy"][m]
-            writer.writerow(["&".join(combo["tasks"]), m, combo["flops"][m], combo["params"][m], sum(acc.values()) / len(acc)])
+    writer.writerow(["seed", "tasks", "method", "flops", "params", "mean_accuracy"])
+    for run in results["seeds"]:
+        for combo in run["combinations"]:
+            for m, flops in combo["flops"].items():
+                acc = combo["accuracy"][m]
+                writer.writerow([run["seed"], "&".join(combo["tasks"]), m, flops, combo["params"][m],
+                                 sum(acc.values()) / len(acc)])
     return _atomic_write(path, buffer.getvalue())
 
 
@@ -83,16 +107,44 @@ def _grouped_bars(series: dict[str, list[float]], labels: list[str], ylabel: str
 
 
 def plot_flops(results: dict[str, Any], path: Path) -> Path:
-    """FLOPs of every task combination, one bar per method."""
-    combos = results["combinations"]
-    series = {m: [c["flops"][m] / 1e6 for c in combos] for m in combos[0]["flops"]}
+    """FLOPs of every task combination (mean over seeds), one bar per method."""
+    combos = results["summary"]["combinations"]
+    series = {m: [c["flops"][m]["mean"] / 1e6 for c in combos] for m in combos[0]["flops"]}
     labels = ["&".join(c["tasks"]) for c in combos]
     return _grouped_bars(series, labels, "MFLOPs per sample", "Cost of every task combination after pruning", path)
 
 
+def plot_frontier(results: dict[str, Any], path: Path, most: int = 8) -> Path:
+    """Per combination (single tasks and all tasks first, at most ``most``), FLOPs against the allowed
+    calibration-accuracy drop, one line per method (mean over seeds, band = ± std)."""
+    runs = results["seeds"]
+    tolerances = [100 * d for d in runs[0]["frontier"]["tolerances"]]
+    names = sorted(runs[0]["frontier"]["flops"], key=lambda n: (0 if n.count("&") in (0, len(results["tasks"]) - 1) else 1,
+                                                                   n.count("&")))[:most]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for method in runs[0]["frontier"]["flops"][name]:
+            curves = [[f / 1e6 for f in r["frontier"]["flops"][name][method]] for r in runs]
+            mean = [sum(v) / len(v) for v in zip(*curves)]
+            spread = [(sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5 for v, m in zip(zip(*curves), mean)]
+            ax.plot(tolerances, mean, marker="o", markersize=3, label=method)
+            ax.fill_between(tolerances, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
+                            alpha=0.2)
+        ax.axvline(100 * results["config"]["tolerance"], color="grey", linestyle=":", linewidth=1)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("allowed accuracy drop (points)")
+    axes[0][0].set_ylabel("MFLOPs per sample")
+    axes[0][0].legend()
+    fig.suptitle("FLOPs-accuracy frontier (dotted: the tolerance used)")
+    try:
+        return _atomic_write(path, figure=fig)
+    finally:
+        plt.close(fig)
+
+
 def plot_sharing(results: dict[str, Any], path: Path) -> Path:
-    """Share of each layer's channels used by every task, after merging and after pruning (Fig. 4.6)."""
-    stages = results["sharing_ratio"]
+    """Share of each layer's channels used by every task, after merging and after pruning (Fig. 4.6), first seed."""
+    stages = results["seeds"][0]["sharing_ratio"]
     layers = list(next(iter(stages.values())))
     series = {stage: [100 * ratios[l] for l in layers] for stage, ratios in stages.items()}
     return _grouped_bars(series, layers, "shared by all tasks (%)", "Sharing ratio per layer (Fig. 4.6)", path, (0, 100))
@@ -105,6 +157,7 @@ def write_report(results: dict[str, Any], out_dir: Path, regrouping=None) -> dic
         "json": _atomic_write(out_dir / "results.json", json.dumps(results, indent=2)),
         "csv": write_csv(results, out_dir / "results.csv"),
         "flops_plot": plot_flops(results, out_dir / "flops_per_combination.png"),
+        "frontier_plot": plot_frontier(results, out_dir / "frontier.png"),
         "sharing_plot": plot_sharing(results, out_dir / "sharing_ratio.png"),
     }
     if regrouping is not None:

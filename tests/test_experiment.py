@@ -8,39 +8,65 @@ from pamfx.errors import InputError
 from pamfx.experiment import ExperimentConfig, results_dict, run_comparison
 from pamfx.report import format_table, write_report
 
-TINY = dict(n_train=240, n_calib=120, n_test=120, epochs=1, finetune_epochs=1, prune_rounds=3,
-            prune_finetune_steps=2, prune_step=0.2, tolerance=0.05)
+TINY = dict(dataset="tiled-digits", n_train=240, n_calib=120, n_test=120, epochs=1, finetune_epochs=1,
+            prune_rounds=2, prune_finetune_steps=2, prune_step=0.2, importance_batches=2, tolerance=0.05,
+            search_tolerance=0.1, seeds=[0, 1], vib_epochs=2)
 
 
-@pytest.fixture(scope="module")
-def tiny_results(tmp_path_factory):
-    config = ExperimentConfig.from_mapping(dict(TINY, cache=str(tmp_path_factory.mktemp("cache"))))
-    comparison = run_comparison(config, progress=False, log=lambda *_: None)
-    return comparison, results_dict(comparison)
+@pytest.fixture(scope="module", params=["taylor", "vib"])
+def tiny_results(request, tmp_path_factory):
+    config = ExperimentConfig.from_mapping(dict(TINY, pruner=request.param, cache=str(tmp_path_factory.mktemp("cache"))))
+    runs = run_comparison(config, progress=False, log=lambda *_: None)
+    return runs, results_dict(config, runs)
 
 
-def test_results_hold_every_combination_and_the_gains(tiny_results):
-    comparison, results = tiny_results
-    assert [c["tasks"] for c in results["combinations"]] == [["digits_0_4"], ["digits_5_9"], ["digits_0_4", "digits_5_9"]]
-    for combo in results["combinations"]:
-        assert set(combo["flops"]) == {"baseline1", "pam"}
-        assert all(v > 0 for v in combo["flops"].values())
-        assert set(combo["accuracy"]["pam"]) == set(combo["tasks"])
-    b1 = results["combinations"][2]["flops"]["baseline1"]
-    assert b1 == results["combinations"][0]["flops"]["baseline1"] + results["combinations"][1]["flops"]["baseline1"]
-    ratios = [c["flops"]["baseline1"] / c["flops"]["pam"] for c in results["combinations"]]
-    assert results["gain"]["baseline1"]["average"] == pytest.approx(sum(ratios) / 3)
-    assert results["gain"]["baseline1"]["peak"] == pytest.approx(max(ratios))
-    assert set(results["sharing_ratio"]) == {"merged", "pruned"}
-    assert "digits_0_4&digits_5_9" in format_table(results)
+def test_results_hold_every_seed_combination_and_the_gains(tiny_results):
+    runs, results = tiny_results
+    assert [r["seed"] for r in results["seeds"]] == [0, 1]
+    for run in results["seeds"]:
+        assert [c["tasks"] for c in run["combinations"]] == [["digits_0_4"], ["digits_5_9"], ["digits_0_4", "digits_5_9"]]
+        for combo in run["combinations"]:
+            assert set(combo["flops"]) == {"baseline1", "pam"}
+            assert all(v > 0 for v in combo["flops"].values())
+            assert set(combo["accuracy"]["pam"]) == set(combo["tasks"])
+        b1 = [c["flops"]["baseline1"] for c in run["combinations"]]
+        assert b1[2] == b1[0] + b1[1]
+        ratios = [c["flops"]["baseline1"] / c["flops"]["pam"] for c in run["combinations"]]
+        assert run["gain"]["baseline1"]["average"] == pytest.approx(sum(ratios) / 3)
+        assert run["gain"]["baseline1"]["peak"] == pytest.approx(max(ratios))
+        assert set(run["sharing_ratio"]) == {"merged", "pruned"}
+    averages = [r["gain"]["baseline1"]["average"] for r in results["seeds"]]
+    summary = results["summary"]["gain"]["baseline1"]["average"]
+    assert summary["mean"] == pytest.approx(sum(averages) / 2)
+    assert summary["std"] == pytest.approx(abs(averages[0] - averages[1]) / 2 ** 0.5)
+    table = format_table(results)
+    assert "digits_0_4&digits_5_9" in table and "±" in table and "2 seeds" in table
+
+
+def test_the_selected_network_is_the_cheapest_matched_checkpoint(tiny_results):
+    runs, results = tiny_results
+    tolerance = results["config"]["tolerance"]
+    for run in runs:
+        pam = run.methods["pam"]
+        trajectory = pam.trajectories["pam"]
+        chosen = trajectory.select(tolerance)
+        assert pam.flops == chosen.flops
+        matched = [p for p in trajectory.accepted() if trajectory.within(p, tolerance)]
+        assert pam.matched == bool(matched)
+        if matched:
+            assert chosen.expected_flops == min(p.expected_flops for p in matched)
+        frontier = results["seeds"][runs.index(run)]["frontier"]
+        for name, curves in frontier["flops"].items():  # allowing more accuracy loss never costs more
+            for curve in curves.values():
+                assert all(a >= b for a, b in zip(curve, curve[1:]))
 
 
 def test_report_files_are_written(tiny_results, tmp_path):
-    comparison, results = tiny_results
-    paths = write_report(results, tmp_path, comparison.regrouping)
-    assert json.loads(paths["json"].read_text())["gain"] == results["gain"]
-    assert paths["csv"].read_text().startswith("tasks,method,flops,params,mean_accuracy")
-    for kind in ("flops_plot", "sharing_plot", "alpha_trace_plot"):
+    runs, results = tiny_results
+    paths = write_report(results, tmp_path, runs[0].regrouping)
+    assert json.loads(paths["json"].read_text())["summary"] == json.loads(json.dumps(results["summary"]))
+    assert paths["csv"].read_text().startswith("seed,tasks,method,flops,params,mean_accuracy")
+    for kind in ("flops_plot", "frontier_plot", "sharing_plot", "alpha_trace_plot"):
         assert paths[kind].read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -59,6 +85,12 @@ def test_config_files(tmp_path):
         load_config(bad)
     with pytest.raises(InputError, match="alpha"):
         ExperimentConfig.from_mapping({"alpha": -1})
+    with pytest.raises(InputError, match="seeds"):
+        ExperimentConfig.from_mapping({"seeds": []})
+    with pytest.raises(InputError, match="pruner"):
+        ExperimentConfig.from_mapping({"pruner": "magnitude"})
+    with pytest.raises(InputError, match="search_tolerance"):
+        ExperimentConfig.from_mapping({"tolerance": 0.02, "search_tolerance": 0.01})
 
 
 def test_cli_help_and_errors(tmp_path, capsys):

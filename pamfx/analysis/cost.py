@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import fx, nn
@@ -23,7 +23,7 @@ from pamfx.analysis.multitask_view import MultitaskView, is_multitask, read_mult
 from pamfx.errors import InputError
 from pamfx.frontend import trace
 from pamfx.ir.neuron_layer import META_MASK
-from pamfx.ir.task_set import TaskSet
+from pamfx.ir.task_set import TaskSet, TaskSpace
 
 
 @dataclass(frozen=True)
@@ -130,23 +130,89 @@ def cost(
     return _plain_cost(gm)
 
 
-def channel_flops(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Per neuron layer, the FLOPs each channel accounts for when all tasks run.
+def channel_flops(gm: fx.GraphModule, tasks: Iterable[str] | str | TaskSet | None = None) -> dict[str, torch.Tensor]:
+    """Per neuron layer, the FLOPs each channel accounts for when the combination ``tasks`` runs (default all).
 
-    A channel's count is that of its incoming connections (its row of every producer, its
-    depthwise kernel) plus its outgoing ones (its column of every consumer and head): the FLOPs
-    pruning it removes.
+    A channel's count is that of its active incoming connections (its row of every producer over
+    the active input channels, its depthwise kernel) plus its active outgoing ones (its column of
+    every consumer over the active output channels, and of the heads of the tasks that run): the
+    FLOPs pruning it removes from that combination. Channels the combination does not run count 0.
     """
     view = read_multitask(gm)
+    combo = view.tasks.select(tasks)
+    active = {name: torch.tensor([bool(t & combo) for t in rec.task_sets]) for name, rec in view.records.items()}
     out = {name: torch.zeros(rec.width, dtype=torch.float64) for name, rec in view.records.items()}
     for node, info, module, positions in _module_nodes(gm, view):
+        if info.role == HEAD and not combo & view.tasks.bit(info.task):
+            continue
         if info.role in (DENSE, HEAD):
             mask = node.meta[META_MASK].to(torch.float64)
+            rows = active[info.layer] if info.role == DENSE else torch.ones(mask.shape[0], dtype=torch.bool)
+            cols = active[info.source] if info.source is not None else torch.ones(mask.shape[1], dtype=torch.bool)
+            mask = mask * rows[:, None] * cols[None, :]
             per_edge = 2 * _kernel(module) * view.layers.nodes[node.args[0].name].block * positions
             if info.role == DENSE:
                 out[info.layer] += mask.sum(1) * per_edge
             if info.source is not None:
                 out[info.source] += mask.sum(0) * per_edge
         elif info.layer is not None and isinstance(module, nn.Conv2d):
-            out[info.layer] += 2 * _kernel(module) * positions
+            out[info.layer] += 2 * _kernel(module) * positions * active[info.layer]
     return out
+
+
+def combination_weights(
+    tasks: TaskSpace, weights: Mapping[Iterable[str] | str | TaskSet, float] | None = None
+) -> dict[TaskSet, float]:
+    """A usage distribution over the task combinations, normalised to sum 1 (default: uniform).
+
+    ``weights`` maps combinations (names, one name, or a bitmask) to non-negative usage
+    frequencies; combinations it leaves out never run (weight 0).
+    """
+    combos = list(tasks.combinations())
+    if weights is None:
+        return {c: 1.0 / len(combos) for c in combos}
+    out = dict.fromkeys(combos, 0.0)
+    for key, w in weights.items():
+        if not isinstance(w, (int, float)) or w < 0 or w != w:
+            raise InputError(f"combination weight of {key!r} must be a number >= 0, got {w!r}")
+        out[tasks.select(key)] += float(w)
+    total = sum(out.values())
+    if total <= 0:
+        raise InputError("combination weights must not all be 0")
+    return {c: w / total for c, w in out.items()}
+
+
+def expected_cost(gm: fx.GraphModule, weights: Mapping[TaskSet, float]) -> float:
+    """Expected FLOPs of a merged network under a usage distribution (`combination_weights`)."""
+    return sum(w * cost(gm, c).flops for c, w in weights.items() if w > 0)
+
+
+def expected_channel_flops(gm: fx.GraphModule, weights: Mapping[TaskSet, float]) -> dict[str, torch.Tensor]:
+    """Per layer, each channel's expected FLOPs: Σ_S w(S) · `channel_flops` (S), i.e. a channel of task
+    set τ costs its FLOPs in every combination S with S ∩ τ ≠ ∅, weighted by how often S runs."""
+    total: dict[str, torch.Tensor] = {}
+    for combo, w in weights.items():
+        if w <= 0:
+            continue
+        for layer, flops in channel_flops(gm, combo).items():
+            total[layer] = total.get(layer, 0) + w * flops
+    return total
+
+
+def cross_origin_flops(gm: fx.GraphModule, tasks: Iterable[str] | str | TaskSet | None = None) -> int:
+    """FLOPs of the combination ``tasks`` spent on connections between channels of different
+    origin networks (new at merge, Sec. 4.5.1 step 4): inside a shared group they make the block
+    up to K² times one network's; this says how much of it pruning left."""
+    view = read_multitask(gm)
+    combo = view.tasks.select(tasks)
+    macs = 0
+    for node, info, module, positions in _module_nodes(gm, view):
+        if info.role != DENSE or info.source is None:
+            continue
+        out_rec, in_rec = view.records[info.layer], view.records[info.source]
+        rows = torch.tensor([bool(t & combo) for t in out_rec.task_sets])
+        cols = torch.tensor([bool(t & combo) for t in in_rec.task_sets])
+        foreign = torch.tensor([[o[0] != i[0] for i in in_rec.origins] for o in out_rec.origins])
+        edges = node.meta[META_MASK] & foreign & rows[:, None] & cols[None, :]
+        macs += int(edges.sum()) * _kernel(module) * view.layers.nodes[node.args[0].name].block * positions
+    return 2 * macs

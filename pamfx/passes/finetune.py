@@ -104,29 +104,46 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
     history: list[float] | None = None,
+    module: nn.Module | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    extra_params: Sequence[nn.Parameter] = (),
+    extra_lr: float | None = None,
+    alternate: bool = False,
 ) -> fx.GraphModule:
     """Fine-tune a merged network in place on all tasks together; returns it.
 
     ``loss_fn(outputs, targets)`` gives one loss per task. Shared parameters get the average of
     their tasks' gradients, forbidden connections stay exactly zero. Mean loss per epoch is
-    appended to ``history`` when given.
+    appended to ``history`` when given. ``module`` runs the forward instead of ``gm`` (a module
+    built over ``gm``'s parameters, e.g. with pruning gates), ``penalty()`` is added to the loss,
+    ``extra_params`` (e.g. the gates) are trained with ``extra_lr``; ``alternate`` uses one task's
+    loss per step, in turn (A → B → … → A, Sec. 4.6.1), instead of all tasks' losses.
     """
     if epochs < 1 and max_steps is None:
         raise InputError(f"finetune needs epochs >= 1 or max_steps, got epochs={epochs}")
     masks = connection_masks(gm)
     scales = gradient_scales(gm)
+    run = gm if module is None else module
     if recalibrate_bn:
-        recalibrate_batchnorm(gm, loader)
-    optimiser = torch.optim.Adam([p for p in gm.parameters() if p.requires_grad], lr=lr)
+        recalibrate_batchnorm(run, loader)
+    groups = [{"params": [p for p in gm.parameters() if p.requires_grad], "lr": lr}]
+    if extra_params:
+        groups.append({"params": list(extra_params), "lr": extra_lr if extra_lr is not None else lr})
+    optimiser = torch.optim.Adam(groups)
     steps = 0
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        gm.train()
+        run.train()
         for epoch in range(max(epochs, 1)):
             total, batches = 0.0, 0
             for x, y in tqdm(loader, desc=f"fine-tune {epoch + 1}/{epochs}", disable=not progress, leave=False):
-                losses = loss_fn(gm(x), y)
+                losses = loss_fn(run(x), y)
+                if alternate:
+                    names = sorted(losses)
+                    losses = {names[steps % len(names)]: losses[names[steps % len(names)]]}
                 loss = sum(losses.values())
+                if penalty is not None:
+                    loss = loss + penalty()
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 _average_and_mask(masks, scales)
@@ -143,6 +160,7 @@ def finetune(
                 history.append(total / batches)
             if max_steps is not None and steps >= max_steps:
                 break
+    run.eval()
     gm.eval()
     return gm
 

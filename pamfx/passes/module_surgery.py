@@ -66,3 +66,9 @@ def expand_mask(mask: torch.Tensor, weight: torch.Tensor, block: int = 1) -> tor
 def attr_name(text: str) -> str:
     """``text`` made usable as a Python attribute / submodule name (non-word characters → ``_``)."""
     return re.sub(r"\W", "_", text)
+
+
+def set_module(root: nn.Module, target: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``target`` of ``root`` by ``module``."""
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)

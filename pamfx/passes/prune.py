@@ -1,187 +1,223 @@
-"""Structured pruning P2: first-order Taylor channel importance (Molchanov et al., CVPR 2019).
+"""The pruning protocol shared by P1 and P2: trajectories, matched-accuracy selection, noise check.
 
-A channel's importance for task t is the squared first-order Taylor estimate of the change of
-task t's loss when the channel's output (the neuron layer's value, after a residual addition)
-is zeroed: ``(Σ_{batch, positions} a_c · ∂L_t/∂a_c)²`` per minibatch, averaged over minibatches.
-Residual-coupled channels are one channel of one neuron layer, so they are pruned together.
+A pruner does not return one network. It records a **trajectory** (Sec. 4.6.1 "pruned while
+preserving almost the same inference accuracy", made checkable): after every round, the FLOPs of
+every task combination, the expected FLOPs under the usage distribution over combinations, and
+every task's accuracy on the *calibration* split. The comparison then picks, per method, the
+cheapest checkpoint at which every task stays within ``tolerance`` of its unpruned single-task
+network (`Trajectory.select`), and only that checkpoint is ever evaluated on the test split.
 
-Pruning alternates over the per-task subgraphs (A → B → … → A, Sec. 4.5.1 / 4.6.1): in task t's
-turn the candidates are the channels that task t uses (t ∈ τ(c)), scored with t's loss; the
-least important fraction is removed by `select_channels` (real modules shrink, no masks), the
-network is fine-tuned, and the step is kept only if every task's validation accuracy stays
-within the tolerance of its reference; otherwise the step is halved (down to one channel), and a
-task whose one-channel step is rejected is done. Pruning stops when every task is done, at a FLOPs target, or after
-``max_rounds``. The same pass on a one-task network (`as_multitask`) is baseline 1.
+`iterative_prune` is the round loop of P2 (and of any score-based pruner): a round removes the
+channels a ``propose`` function picks, fine-tunes, evaluates; a round that leaves a task more than
+``search_tolerance`` below its reference is *skipped* (reverted, step halved), and pruning goes on
+until a FLOPs floor, ``max_rounds``, or ``patience`` failed rounds in a row. A channel whose removal
+alone failed a round is protected from then on, so one indispensable channel (the last few of a
+first conv layer, say) does not end the search for cheaper channels elsewhere.
+
+`recover` is the long fine-tune of the authors' schedule, given to every method alike: the
+cheapest accepted checkpoints that missed the tolerance are fine-tuned for longer and kept if they
+come back within it.
 """
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
-import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from pamfx.analysis.cost import channel_flops, cost
-from pamfx.analysis.multitask_view import MultitaskView, read_multitask
+from pamfx.analysis.cost import cost
+from pamfx.analysis.multitask_view import read_multitask
 from pamfx.errors import InputError
+from pamfx.ir.task_set import TaskSet, TaskSpace
 from pamfx.passes.finetune import TaskLoss, finetune
 from pamfx.passes.select_channels import select_channels
 
 Evaluate = Callable[[fx.GraphModule], Mapping[str, float]]
+#: ``propose(checkpoint, flops_budget, protected) -> {layer: [channels to remove]}``: the channels a
+#: round removes from the current checkpoint's network (its calibration accuracies may steer the
+#: choice), never a channel of ``protected`` (``(layer, origin)`` pairs, see `channel_key`).
+Propose = Callable[["Checkpoint", float, set], Mapping[str, list[int]]]
 
 
 @dataclass
-class PruneStep:
+class Checkpoint:
+    """One point of a pruning trajectory; ``network`` is kept for accepted points only."""
+
     round: int
-    task: str
-    removed: int
-    accepted: bool
-    flops: int
+    flops: dict[TaskSet, int]
+    expected_flops: float
     accuracy: dict[str, float]
+    accepted: bool
+    network: fx.GraphModule | None = None
+
+    def deficit(self, reference: Mapping[str, float]) -> float:
+        """The largest accuracy drop below the reference over the tasks (negative: all above)."""
+        return max(reference[t] - a for t, a in self.accuracy.items())
 
 
 @dataclass
-class PruneResult:
-    """The pruned network, the accuracy it was held to, and every step taken."""
+class Trajectory:
+    """Every round of one pruning run, with the reference accuracies it is held to."""
 
-    network: fx.GraphModule
+    tasks: TaskSpace
     reference: dict[str, float]
-    accuracy: dict[str, float]
-    steps: list[PruneStep] = field(default_factory=list)
+    weights: dict[TaskSet, float]
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+
+    def record(self, round_: int, network: fx.GraphModule, accuracy: Mapping[str, float], accepted: bool) -> Checkpoint:
+        flops = {c: cost(network, c).flops for c in self.tasks.combinations()}
+        point = Checkpoint(round_, flops, sum(self.weights[c] * f for c, f in flops.items()), dict(accuracy), accepted,
+                           network if accepted else None)
+        self.checkpoints.append(point)
+        return point
+
+    def accepted(self) -> list[Checkpoint]:
+        return [c for c in self.checkpoints if c.accepted]
+
+    def select(self, tolerance: float) -> Checkpoint:
+        """The cheapest accepted checkpoint (expected FLOPs) with every task within ``tolerance``.
+
+        When no checkpoint qualifies (the unpruned network itself is below the reference), the one
+        with the smallest accuracy deficit is returned; `within` tells the caller.
+        """
+        candidates = self.accepted()
+        if not candidates:
+            raise InputError("the trajectory has no accepted checkpoint")
+        matched = [c for c in candidates if self.within(c, tolerance)]
+        if matched:
+            return min(matched, key=lambda c: (c.expected_flops, c.round))
+        return min(candidates, key=lambda c: (c.deficit(self.reference), c.expected_flops))
+
+    def within(self, checkpoint: Checkpoint, tolerance: float) -> bool:
+        return checkpoint.deficit(self.reference) <= tolerance + 1e-12
 
 
-def _instrumented(gm: fx.GraphModule, layer_nodes: dict[str, str]) -> fx.GraphModule:
-    """A copy of ``gm`` whose forward also returns ``{layer: value}`` for every neuron layer."""
-    graph = fx.Graph()
-    val_map: dict[fx.Node, fx.Node] = {}
-    outputs = graph.graph_copy(gm.graph, val_map)
-    by_name = {old.name: new for old, new in val_map.items()}
-    graph.output((outputs, {layer: by_name[node] for layer, node in layer_nodes.items()}))
-    return fx.GraphModule(gm, graph)
+def channel_key(record_origins: tuple[tuple[str, int], ...], layer: str, channel: int) -> tuple[str, str, int]:
+    """A channel's identity that survives channel selection: its layer and its origin (task, index)."""
+    return (layer, *record_origins[channel])
 
 
-def taylor_importance(
-    gm: fx.GraphModule, loader: Iterable, loss_fn: TaskLoss, task: str, max_batches: int = 8
-) -> dict[str, torch.Tensor]:
-    """Per layer, the Taylor importance of every channel for ``task``'s loss."""
-    view = read_multitask(gm)
-    layer_nodes = {l.name: l.output_node for l in view.layers.layers}
-    probe = _instrumented(gm, layer_nodes).eval()
-    scores = {name: torch.zeros(view.records[name].width) for name in layer_nodes}
-    batches = 0
-    for x, y in loader:
-        if batches >= max_batches:
-            break
-        outputs, values = probe(x)
-        loss = loss_fn({task: outputs[task]}, y)[task]
-        grads = torch.autograd.grad(loss, list(values.values()), allow_unused=True)
-        for (name, value), grad in zip(values.items(), grads):
-            if grad is not None:
-                dims = [d for d in range(value.dim()) if d != 1]
-                scores[name] += (value * grad).sum(dim=dims).detach() ** 2
-        batches += 1
-    if batches == 0:
-        raise InputError("taylor_importance: the data loader yielded no batch")
-    return {name: s / batches for name, s in scores.items()}
+def accuracy_standard_error(accuracy: float, samples: int, labels: int = 1) -> float:
+    """Binomial standard error of a mean binary accuracy over ``samples`` × ``labels`` decisions."""
+    if samples < 1 or labels < 1:
+        raise InputError(f"samples and labels must be >= 1, got {samples} and {labels}")
+    p = min(max(accuracy, 0.0), 1.0)
+    return math.sqrt(max(p * (1 - p), 1e-12) / (samples * labels))
 
 
-def _channels_to_remove(view: MultitaskView, scores: dict[str, torch.Tensor], task: str, count: int) -> dict[str, list[int]]:
-    """The ``count`` least important channels task ``task`` uses, never a layer's last channel."""
-    bit = view.tasks.bit(task)
-    candidates = sorted(
-        (float(scores[layer][c]), layer, c)
-        for layer, record in view.records.items()
-        for c, t in enumerate(record.task_sets)
-        if t & bit
-    )
-    left = {layer: record.width for layer, record in view.records.items()}
-    removal: dict[str, list[int]] = {}
-    taken = 0
-    for _, layer, c in candidates:
-        if taken >= count:
-            break
-        if left[layer] > 1:
-            removal.setdefault(layer, []).append(c)
-            left[layer] -= 1
-            taken += 1
-    return removal
+def check_calibration_noise(reference: Mapping[str, float], samples: int, labels: Mapping[str, int],
+                            tolerance: float, strict: bool = False) -> dict[str, float]:
+    """Warn (or with ``strict`` raise `InputError`) when the tolerance is below 2 standard errors.
+
+    The calibration split decides which checkpoint counts as "within tolerance"; when the
+    tolerance is smaller than the accuracy estimate's noise, chance decides instead. Returns the
+    standard error per task.
+    """
+    errors = {t: accuracy_standard_error(a, samples, labels[t]) for t, a in reference.items()}
+    noisy = {t: e for t, e in errors.items() if 2 * e > tolerance}
+    if noisy:
+        worst = max(noisy.values())
+        needed = math.ceil(samples * (2 * worst / tolerance) ** 2) if tolerance > 0 else None
+        message = (f"the accuracy tolerance {tolerance:.4f} is below 2 standard errors of the calibration accuracy "
+                   f"({', '.join(f'{t}: {2 * e:.4f}' for t, e in noisy.items())}) with {samples} calibration samples; "
+                   + (f"use about {needed} samples or a larger tolerance" if needed else "use a tolerance > 0"))
+        if strict:
+            raise InputError(message)
+        warnings.warn(message, stacklevel=2)
+    return errors
 
 
-def _without(view: MultitaskView, removal: dict[str, list[int]]) -> fx.GraphModule:
-    keep = {layer: [c for c in range(view.records[layer].width) if c not in set(cs)] for layer, cs in removal.items()}
-    return select_channels(view.gm, keep)
-
-
-def prune_taylor(
+def iterative_prune(
     gm: fx.GraphModule,
+    propose: Propose,
     train_loader: Iterable,
     loss_fn: TaskLoss,
     evaluate: Evaluate,
     *,
-    tolerance: float = 0.005,
-    reference: Mapping[str, float] | None = None,
+    reference: Mapping[str, float],
+    weights: Mapping[TaskSet, float],
+    search_tolerance: float,
     step_fraction: float = 0.1,
-    finetune_steps: int = 60,
+    finetune_steps: int = 100,
     lr: float = 1e-3,
-    importance_batches: int = 8,
-    cost_aware: bool = True,
-    flops_target: float | None = None,
-    max_rounds: int = 200,
+    floor: float = 0.01,
+    max_rounds: int = 60,
+    patience: int = 3,
     seed: int = 0,
     progress: bool = True,
-) -> PruneResult:
-    """Prune a merged (or one-task) network channel by channel; see the module docstring.
+) -> Trajectory:
+    """Prune ``gm`` round by round (see the module docstring); ``gm`` itself is not modified.
 
-    ``evaluate(network) -> {task: accuracy}`` is run on validation data (never the test split).
-    ``reference`` is the accuracy each task must stay within ``tolerance`` of (default: the
-    accuracy of ``gm`` itself). ``cost_aware`` ranks channels by importance per FLOP they cost
-    (the FLOPs-regularised criterion of Molchanov et al.; the objective here is FLOPs), else by
-    importance alone. ``flops_target`` stops at that many FLOPs for all tasks together.
+    Each round asks ``propose`` for channels worth about ``step_fraction`` of the current expected
+    FLOPs, removes them (`select_channels`), fine-tunes ``finetune_steps`` minibatches and
+    evaluates on calibration data. ``floor`` is the fraction of the initial expected FLOPs at
+    which pruning stops.
     """
     if not 0 < step_fraction <= 1:
         raise InputError(f"step_fraction must be in (0, 1], got {step_fraction}")
-    if tolerance < 0:
-        raise InputError(f"tolerance must be >= 0, got {tolerance}")
-    tasks = list(read_multitask(gm).tasks)
-    reference = dict(reference) if reference is not None else dict(evaluate(gm))
-    accuracy = dict(evaluate(gm))
-    fraction = {t: step_fraction for t in tasks}
-    result = PruneResult(gm, reference, accuracy)
-    flops_now = cost(gm).flops
-    bar = tqdm(total=max_rounds, desc="prune", disable=not progress, leave=False)
-    for round_ in range(max_rounds):
-        active = [t for t in tasks if fraction[t] > 0]
-        if not active or (flops_target is not None and flops_now <= flops_target):
-            break
-        task = active[round_ % len(active)]
-        view = read_multitask(result.network)
-        bit = view.tasks.bit(task)
-        usable = sum(1 for r in view.records.values() for t in r.task_sets if t & bit)
-        count = max(1, math.floor(fraction[task] * usable))
-        scores = taylor_importance(result.network, train_loader, loss_fn, task, importance_batches)
-        if cost_aware:
-            flops = channel_flops(result.network)
-            scores = {layer: s / flops[layer].clamp_min(1.0).to(s.dtype) for layer, s in scores.items()}
-        removal = _channels_to_remove(view, scores, task, count)
-        if not removal:
-            fraction[task] = 0.0
-            continue
-        candidate = finetune(
-            _without(view, removal), train_loader, loss_fn,
-            epochs=0, max_steps=finetune_steps, lr=lr, recalibrate_bn=False, seed=seed + round_, progress=False,
-        )
-        acc = dict(evaluate(candidate))
-        ok = all(acc[t] >= reference[t] - tolerance for t in tasks)
-        removed = sum(len(v) for v in removal.values())
-        candidate_flops = cost(candidate).flops
-        result.steps.append(PruneStep(round_, task, removed, ok, candidate_flops, acc))
-        if ok:
-            result.network, result.accuracy, flops_now = candidate, acc, candidate_flops
-        else:
-            fraction[task] = 0.0 if count == 1 else fraction[task] / 2
-        bar.update(1)
-        bar.set_postfix(task=task, flops=flops_now, ok=ok)
-    bar.close()
-    return result
+    if search_tolerance < 0 or not 0 <= floor < 1 or patience < 1 or max_rounds < 0:
+        raise InputError("need search_tolerance >= 0, 0 <= floor < 1, patience >= 1 and max_rounds >= 0")
+    tasks = read_multitask(gm).tasks
+    trajectory = Trajectory(tasks, dict(reference), dict(weights))
+    current = trajectory.record(0, gm, evaluate(gm), accepted=True)
+    start, fraction, failures = current.expected_flops, step_fraction, 0
+    protected: set[tuple[str, str, int]] = set()
+    with tqdm(total=max_rounds, desc="prune", disable=not progress, leave=False) as bar:
+        for round_ in range(1, max_rounds + 1):
+            if current.expected_flops <= floor * start or failures >= patience:
+                break
+            removal = {k: v for k, v in propose(current, fraction * current.expected_flops, protected).items() if v}
+            if not removal:
+                break
+            view = read_multitask(current.network)
+            keep = {layer: [c for c in range(view.records[layer].width) if c not in set(cs)] for layer, cs in removal.items()}
+            candidate = finetune(select_channels(current.network, keep), train_loader, loss_fn, epochs=0,
+                                 max_steps=finetune_steps, lr=lr, recalibrate_bn=False, seed=seed + round_, progress=False)
+            accuracy = evaluate(candidate)
+            ok = all(accuracy[t] >= reference[t] - search_tolerance for t in accuracy)
+            point = trajectory.record(round_, candidate, accuracy, accepted=ok)
+            if ok:
+                current, failures = point, 0
+            else:
+                fraction, failures = fraction / 2, failures + 1
+                if sum(len(v) for v in removal.values()) == 1:
+                    (layer, (c,)), = removal.items()
+                    protected.add(channel_key(view.records[layer].origins, layer, c))
+            bar.update(1)
+            bar.set_postfix(mflops=f"{current.expected_flops / 1e6:.3f}", ok=ok)
+    return trajectory
+
+
+def recover(
+    trajectory: Trajectory,
+    train_loader: Iterable,
+    loss_fn: TaskLoss,
+    evaluate: Evaluate,
+    *,
+    tolerance: float,
+    candidates: int = 3,
+    epochs: int = 2,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> Checkpoint | None:
+    """Fine-tune the cheapest accepted checkpoints cheaper than the current selection for ``epochs``
+    (at most ``candidates`` of them, cheapest first); the first that comes back within
+    ``tolerance`` on the calibration split is added to the trajectory (and so becomes the selection)
+    and returned. The trajectory's networks are not modified."""
+    if candidates < 0 or epochs < 1:
+        raise InputError(f"need candidates >= 0 and epochs >= 1, got {candidates} and {epochs}")
+    chosen = trajectory.select(tolerance)
+    cheaper = sorted((p for p in trajectory.accepted() if p.expected_flops < chosen.expected_flops),
+                     key=lambda p: p.expected_flops)
+    for point in tqdm(cheaper[:candidates], desc="recover", disable=not progress, leave=False):
+        network = finetune(copy.deepcopy(point.network), train_loader, loss_fn, epochs=epochs, lr=lr,
+                           recalibrate_bn=False, seed=seed + point.round, progress=False)
+        accuracy = evaluate(network)
+        if all(accuracy[t] >= trajectory.reference[t] - tolerance for t in accuracy):
+            return trajectory.record(point.round, network, accuracy, accepted=True)
+    return None

@@ -20,12 +20,7 @@ from pamfx.errors import InputError
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
 from pamfx.ir.neuron_layer import META_LAYER, META_MASK
-from pamfx.passes.module_surgery import channel_tensors, rebuild
-
-
-def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+from pamfx.passes.module_surgery import channel_tensors, rebuild, set_module
 
 
 def _feature_index(index: torch.Tensor, block: int) -> torch.Tensor:
@@ -63,7 +58,7 @@ def select_channels(gm: fx.GraphModule, keep: Mapping[str, Sequence[int]]) -> fx
             continue
         module = modules[node.target]
         if info.role == SHORTCUT:
-            _set_module(new, node.target, _select_shortcut(module, index.get(info.source), index.get(info.layer)))
+            set_module(new, node.target, _select_shortcut(module, index.get(info.source), index.get(info.layer)))
             continue
         tensors: dict[str, torch.Tensor | None] = {}
         mask = node.meta.get(META_MASK)
@@ -82,7 +77,7 @@ def select_channels(gm: fx.GraphModule, keep: Mapping[str, Sequence[int]]) -> fx
             tensors["weight"] = weight.index_select(1, _feature_index(cols, block))
             mask = mask.index_select(1, cols)
         if tensors:
-            _set_module(new, node.target, rebuild(module, **tensors))
+            set_module(new, node.target, rebuild(module, **tensors))
         if mask is not None:
             node.meta[META_MASK] = mask
     return shape_propagate(new, example_from_meta(gm))

@@ -1,0 +1,314 @@
+"""Pruning: trajectories and matched-accuracy selection, expected cost, P2 (Taylor) and P1 (VIB)."""
+import warnings
+
+import pytest
+import torch
+
+import pamfx
+from pamfx.analysis.cost import channel_flops, combination_weights, expected_channel_flops
+from pamfx.errors import InputError
+from pamfx.ir.task_set import TaskSpace
+from pamfx.passes.finetune import connection_masks, multilabel_loss
+from pamfx.passes.merge import as_multitask
+from pamfx.passes.prune import Checkpoint, Trajectory, accuracy_standard_error, check_calibration_noise, recover
+from pamfx.passes.taylor import channel_importance, channels_to_remove, prune_taylor, taylor_importance
+from pamfx.passes.vib import fold_and_prune, gateable_layers, gated_network, prune_vib
+from tests.conftest import example_input
+from tests.test_finetune_prune import synthetic_task_data, two_output_models
+
+
+def merged_network(arch: str, k: int = 2, seed: int = 1):
+    models = two_output_models(arch, k)
+    layers = pamfx.organise_layers(models, example_input())
+    return pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=seed), layers=layers)
+
+
+def assert_emit_equivalent(network):
+    network = network.eval()
+    view = pamfx.read_multitask(network)
+    x = example_input(batch=4, seed=5)
+    reference = network(x)
+    for combo in view.tasks.combinations():
+        emitted = pamfx.emit(network, combo).eval()
+        for task, value in emitted(x).items():
+            assert (value - reference[task]).abs().max() <= 1e-5
+    for weight, mask in connection_masks(network):
+        assert torch.count_nonzero(weight[mask == 0]) == 0
+
+
+# --- the protocol -------------------------------------------------------------------------------
+
+def synthetic_trajectory() -> Trajectory:
+    tasks = TaskSpace(("A", "B"))
+    trajectory = Trajectory(tasks, {"A": 0.90, "B": 0.80}, combination_weights(tasks))
+    # (expected FLOPs, accuracy A, accuracy B, accepted)
+    points = [(100, 0.91, 0.80, True), (80, 0.897, 0.799, True), (60, 0.893, 0.801, True),  # 60: A -0.7 points
+              (50, 0.20, 0.20, False), (55, 0.896, 0.797, True), (40, 0.880, 0.790, True)]
+    for i, (flops, a, b, ok) in enumerate(points):
+        trajectory.checkpoints.append(Checkpoint(i, {1: flops, 2: flops, 3: flops}, flops, {"A": a, "B": b}, ok, None))
+    return trajectory
+
+
+def test_selection_is_the_cheapest_checkpoint_within_the_tolerance():
+    trajectory = synthetic_trajectory()
+    # within 0.5 points: rounds 0, 1 and 4; round 4 (55) is the cheapest — not the last accepted round,
+    # not the rejected round 3 (50), not round 2 (60, A 0.7 points below).
+    assert trajectory.select(0.005).round == 4
+    assert trajectory.select(0.008).round == 4
+    assert trajectory.select(0.0).round == 0
+    assert trajectory.select(0.03).round == 5
+    assert [trajectory.within(p, 0.005) for p in trajectory.checkpoints] == [True, True, False, False, True, False]
+
+
+def test_selection_without_a_matched_checkpoint_returns_the_least_deficient():
+    tasks = TaskSpace(("A",))
+    trajectory = Trajectory(tasks, {"A": 0.9}, combination_weights(tasks))
+    for i, (flops, acc) in enumerate([(10, 0.85), (5, 0.80), (3, 0.87)]):
+        trajectory.checkpoints.append(Checkpoint(i, {1: flops}, flops, {"A": acc}, True, None))
+    point = trajectory.select(0.01)
+    assert point.round == 2 and not trajectory.within(point, 0.01)
+
+
+def test_calibration_noise_check_fires_when_the_tolerance_is_below_two_standard_errors():
+    se = accuracy_standard_error(0.93, 1000, 5)
+    assert se == pytest.approx((0.93 * 0.07 / 5000) ** 0.5)
+    with pytest.warns(UserWarning, match="below 2 standard errors"):
+        check_calibration_noise({"A": 0.93}, 1000, {"A": 5}, tolerance=0.005)
+    with pytest.raises(InputError, match="samples"):
+        check_calibration_noise({"A": 0.93}, 1000, {"A": 5}, tolerance=0.005, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        errors = check_calibration_noise({"A": 0.93, "B": 0.9}, 3000, {"A": 5, "B": 5}, tolerance=0.005)
+    assert set(errors) == {"A", "B"} and all(2 * e < 0.005 for e in errors.values())
+
+
+def test_combination_weights_are_normalised_and_checked():
+    tasks = TaskSpace(("A", "B"))
+    assert combination_weights(tasks) == {1: pytest.approx(1 / 3), 2: pytest.approx(1 / 3), 3: pytest.approx(1 / 3)}
+    assert combination_weights(tasks, {"A": 3, ("A", "B"): 1}) == {1: 0.75, 2: 0.0, 3: 0.25}
+    with pytest.raises(InputError):
+        combination_weights(tasks, {"A": -1})
+    with pytest.raises(InputError):
+        combination_weights(tasks, {"A": 0})
+
+
+# --- expected cost ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch_name", ["lenet5", "vgg"])
+def test_channel_flops_of_a_combination_is_what_removing_the_channel_saves_there(arch_name):
+    merged = merged_network(arch_name, 3, seed=3)
+    view = pamfx.read_multitask(merged)
+    for combo in (1, 6, 7):
+        per_channel = channel_flops(merged, combo)
+        total = pamfx.cost(merged, combo).flops
+        for layer in list(per_channel)[::2]:
+            width = view.records[layer].width
+            for c in (0, width // 2, width - 1):
+                smaller = pamfx.select_channels(merged, {layer: [i for i in range(width) if i != c]})
+                assert total - pamfx.cost(smaller, combo).flops == int(per_channel[layer][c])
+                if not view.records[layer].task_sets[c] & combo:
+                    assert per_channel[layer][c] == 0
+
+
+def test_channels_of_likelier_combinations_rank_as_more_expensive():
+    merged = merged_network("lenet5", 2)
+    view = pamfx.read_multitask(merged)
+    flat = {layer: torch.ones(rec.width) for layer, rec in view.records.items()}
+    for task, other in (("A", "B"), ("B", "A")):
+        weights = combination_weights(view.tasks, {task: 0.9, other: 0.05, ("A", "B"): 0.05})
+        cost = expected_channel_flops(merged, weights)
+        bit, other_bit = view.tasks.bit(task), view.tasks.bit(other)
+        for layer, rec in view.records.items():
+            mine = [c for c, t in enumerate(rec.task_sets) if t == bit]
+            theirs = [c for c, t in enumerate(rec.task_sets) if t == other_bit]
+            uniform = expected_channel_flops(merged, combination_weights(view.tasks))[layer]
+            for c in mine:  # used by the likely combination: dearer than under uniform usage
+                assert cost[layer][c] > uniform[c] or uniform[c] == 0
+            for c in theirs:
+                assert cost[layer][c] < uniform[c] or uniform[c] == 0
+        # equal importance everywhere: the first channels to go are the ones the likely task pays for
+        removal = channels_to_remove(merged, flat, cost, flops_budget=0.0)
+        (layer, (c,)), = removal.items()
+        assert view.records[layer].task_sets[c] & bit
+
+
+def test_shared_channels_sum_their_tasks_normalised_scores():
+    merged = merged_network("lenet5", 2)
+    view = pamfx.read_multitask(merged)
+    loader, label_map = synthetic_task_data(2)
+    scores = taylor_importance(merged, loader, multilabel_loss(label_map), batches=2)
+    importance = channel_importance(merged, scores)
+    for t in view.tasks:
+        other = [u for u in view.tasks if u != t][0]
+        for layer, rec in view.records.items():
+            only_other = torch.tensor([s == view.tasks.bit(other) for s in rec.task_sets])
+            assert torch.all(scores[t][layer][only_other] == 0)  # another task's channels cannot move t's loss
+    means = {t: torch.cat([scores[t][l][rec.serves(view.tasks.bit(t))] for l, rec in view.records.items()]).mean()
+             for t in view.tasks}
+    for layer, rec in view.records.items():
+        for c, s in enumerate(rec.task_sets):
+            expected = sum(float(scores[t][layer][c] / means[t]) for t in view.tasks if s & view.tasks.bit(t))
+            assert float(importance[layer][c]) == pytest.approx(expected, rel=1e-5)
+
+
+# --- P2 -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch_name", ["lenet5", "resnet", "mobilenetv2"])
+def test_taylor_pruning_shrinks_and_keeps_emit_equivalence(arch_name):
+    merged = merged_network(arch_name)
+    view = pamfx.read_multitask(merged)
+    loader, label_map = synthetic_task_data(2)
+    trajectory = prune_taylor(merged, loader, multilabel_loss(label_map), lambda net: {"A": 0.5, "B": 0.5},
+                              reference={"A": 0.5, "B": 0.5}, weights=combination_weights(view.tasks),
+                              search_tolerance=0.0, step_fraction=0.3, finetune_steps=2, max_rounds=5,
+                              importance_batches=2, progress=False)
+    flops = [p.expected_flops for p in trajectory.accepted()]
+    assert len(flops) == 6 and all(a > b for a, b in zip(flops, flops[1:]))
+    pruned = trajectory.select(0.0).network
+    assert pruned is trajectory.checkpoints[-1].network
+    for layer, rec in pamfx.read_multitask(pruned).records.items():
+        assert all(int(rec.serves(view.tasks.bit(t)).sum()) >= 1 for t in view.tasks)
+    assert_emit_equivalent(pruned)
+    assert pamfx.cost(merged) == pamfx.cost(trajectory.checkpoints[0].network)  # the input is not modified
+
+
+def test_failed_rounds_are_skipped_and_pruning_goes_on():
+    single = as_multitask(two_output_models("lenet5", 2)["A"], example_input(), "A")
+    loader, label_map = synthetic_task_data(2)
+    calls = iter(range(100))
+
+    def evaluate(net):
+        return {"A": 0.0 if next(calls) in (2, 3) else 1.0}  # the 2nd and 3rd rounds fail
+
+    trajectory = prune_taylor(single, loader, multilabel_loss({"A": label_map["A"]}), evaluate, reference={"A": 1.0},
+                              weights=combination_weights(TaskSpace(("A",))), search_tolerance=0.0, step_fraction=0.2,
+                              finetune_steps=1, max_rounds=6, patience=3, importance_batches=1, progress=False)
+    assert [p.accepted for p in trajectory.checkpoints] == [True, True, False, False, True, True, True]
+    assert trajectory.select(0.0).round == 6
+
+
+def test_patience_stops_after_failed_rounds_in_a_row():
+    merged = merged_network("lenet5")
+    loader, label_map = synthetic_task_data(2)
+    trajectory = prune_taylor(merged, loader, multilabel_loss(label_map), lambda net: {"A": 0.0, "B": 0.0},
+                              reference={"A": 1.0, "B": 1.0}, weights=combination_weights(TaskSpace(("A", "B"))),
+                              search_tolerance=0.0, finetune_steps=1, max_rounds=10, patience=2,
+                              importance_batches=1, progress=False)
+    assert [p.accepted for p in trajectory.checkpoints] == [True, False, False]
+    assert pamfx.cost(trajectory.select(0.5).network) == pamfx.cost(merged)
+
+
+def test_same_seed_gives_the_same_pruned_network():
+    def run():
+        merged = merged_network("lenet5", seed=6)
+        loader, label_map = synthetic_task_data(2, seed=3)
+        trajectory = prune_taylor(merged, loader, multilabel_loss(label_map), lambda net: {"A": 0.5, "B": 0.5},
+                                  reference={"A": 0.5, "B": 0.5}, weights=combination_weights(TaskSpace(("A", "B"))),
+                                  search_tolerance=0.0, step_fraction=0.2, finetune_steps=3, max_rounds=3, seed=5,
+                                  importance_batches=2, progress=False)
+        return merged, trajectory.select(0.0).network
+
+    merged, first = run()
+    _, second = run()
+    assert pamfx.cost(first).flops < pamfx.cost(merged).flops
+    assert pamfx.read_multitask(first).grouping() == pamfx.read_multitask(second).grouping()
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- P1 -----------------------------------------------------------------------------------------
+
+def set_gates(gates, seed: int):
+    """Random gate values with some channels past the VIB threshold, never all of a task's."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in gates.values():
+            n = gate.mu.numel()
+            gate.mu.copy_(torch.rand(n, generator=g) * 2 - 0.5)
+            gate.log_d.copy_(torch.full((n,), -4.0))
+            gate.log_d[torch.rand(n, generator=g) < 0.3] = 3.0
+
+
+@pytest.mark.parametrize("arch_name", ["lenet5", "vgg", "mobilenetv2"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_vib_gates_folded_into_the_weights_give_the_gated_outputs(arch_name, k):
+    models = two_output_models(arch_name, 2)
+    network = (as_multitask(models["A"], example_input(), "A") if k == 1 else merged_network(arch_name)).eval()
+    view = pamfx.read_multitask(network)
+    layers = gateable_layers(view)
+    assert layers
+    gated, gates = gated_network(network, layers, seed=0)
+    set_gates(gates, seed=3)
+    pruned = fold_and_prune(network, gates)
+    x = example_input(batch=4, seed=7)
+    expected = gated.eval()(x)
+    got = pruned.eval()(x)
+    for task in view.tasks:
+        assert torch.allclose(got[task], expected[task], atol=1e-5)
+    assert pamfx.cost(pruned).flops < pamfx.cost(network).flops
+    assert_emit_equivalent(pruned)
+
+
+def test_vib_does_not_gate_layers_read_by_a_residual_addition():
+    view = pamfx.read_multitask(merged_network("resnet"))
+    gated = set(gateable_layers(view))
+    sources = {source for layer in view.layers.layers for _, source in layer.shortcuts}
+    assert sources and not sources & gated
+    assert gated  # the others are gated
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_vib_pruning_records_a_trajectory_and_keeps_emit_equivalence(k):
+    models = two_output_models("lenet5", 2)
+    network = as_multitask(models["A"], example_input(), "A") if k == 1 else merged_network("lenet5")
+    view = pamfx.read_multitask(network)
+    loader, label_map = synthetic_task_data(2)
+    loss = multilabel_loss({t: label_map[t] for t in view.tasks})
+    trajectory = prune_vib(network, loader, loss, lambda net: {t: 0.5 for t in view.tasks},
+                           reference={t: 0.5 for t in view.tasks}, weights=combination_weights(view.tasks),
+                           search_tolerance=0.0, epochs=3, kl_weight=1.0, gate_lr=0.2, progress=False)
+    assert [p.round for p in trajectory.checkpoints] == [0, 1, 2, 3]
+    pruned = trajectory.select(0.0).network
+    assert pamfx.cost(pruned).flops < pamfx.cost(network).flops
+    assert_emit_equivalent(pruned)
+
+
+def test_recovery_fine_tunes_the_cheapest_unmatched_checkpoints_and_adds_the_first_that_recovers():
+    single = as_multitask(two_output_models("lenet5", 2)["A"], example_input(), "A")
+    loader, label_map = synthetic_task_data(2)
+    loss = multilabel_loss({"A": label_map["A"]})
+    scores = iter([1.0] + [0.99] * 4)  # the unpruned network matches; pruned ones are 1 point short
+    trajectory = prune_taylor(single, loader, loss, lambda net: {"A": next(scores)}, reference={"A": 1.0},
+                              weights=combination_weights(TaskSpace(("A",))), search_tolerance=0.02, step_fraction=0.2,
+                              finetune_steps=1, max_rounds=4, importance_batches=1, progress=False)
+    assert trajectory.select(0.005).round == 0
+    cheapest = min(trajectory.accepted(), key=lambda p: p.expected_flops)
+    before = {k: v.clone() for k, v in cheapest.network.state_dict().items()}
+    outcomes = iter([0.99, 1.0])  # the cheapest does not come back, the next one does
+    point = recover(trajectory, loader, loss, lambda net: {"A": next(outcomes)}, tolerance=0.005, candidates=3,
+                    epochs=1, progress=False)
+    second = sorted(trajectory.accepted()[:-1], key=lambda p: p.expected_flops)[1]
+    assert point is trajectory.select(0.005) and point.round == second.round
+    assert point.expected_flops == second.expected_flops and point.network is not second.network
+    assert all(torch.equal(before[k], v) for k, v in cheapest.network.state_dict().items())
+    assert recover(trajectory, loader, loss, lambda net: {"A": 0.0}, tolerance=0.005, progress=False) is None
+
+
+def test_task_balance_weighs_up_the_task_nearest_its_tolerance():
+    from pamfx.passes.taylor import task_balance
+
+    lam = task_balance({"A": 0.93, "B": 0.905, "C": 0.91}, {"A": 0.92, "B": 0.91, "C": 0.91}, tolerance=0.005)
+    assert lam["C"] == pytest.approx(1.0)
+    assert lam["B"] == pytest.approx(float(torch.exp(torch.tensor(1.0))), rel=1e-6)  # 1 tolerance below
+    assert lam["A"] == pytest.approx(float(torch.exp(torch.tensor(-2.0))), rel=1e-6)  # 2 tolerances to spare
+    merged = merged_network("lenet5")
+    view = pamfx.read_multitask(merged)
+    loader, label_map = synthetic_task_data(2)
+    scores = taylor_importance(merged, loader, multilabel_loss(label_map), batches=2)
+    plain = channel_importance(merged, scores)
+    weighted = channel_importance(merged, scores, {"A": 4.0, "B": 1.0})
+    for layer, rec in view.records.items():
+        for c, s in enumerate(rec.task_sets):
+            if s == view.tasks.bit("A"):
+                assert float(weighted[layer][c]) == pytest.approx(4 * float(plain[layer][c]), rel=1e-5)
+            if s == view.tasks.bit("B"):
+                assert float(weighted[layer][c]) == pytest.approx(float(plain[layer][c]), rel=1e-5)
