@@ -4,9 +4,11 @@ For one configuration and each seed: build the data (seeded), train (or load fro
 single-task networks, then
 
 - **baseline1**: prune every single-task network on its own;
-- **pam**: regroup (Alg. 4 / 5) + merge + fine-tune, then prune the merged network;
+- **pam**: regroup (Alg. 4 / 5) + merge, then prune the merged network;
 
-both with the same pruner (P2 Taylor or P1 VIB), schedule and fine-tuning budget per network.
+and optionally **mtz** (baseline 2: MTZ merge), all with the same pruner (P2 Taylor or P1 VIB),
+schedule and fine-tuning budget per network: every network, single or merged, is fine-tuned for
+``finetune_epochs`` before pruning.
 Every pruning run records a trajectory (`pamfx.passes.prune.Trajectory`); each method's network
 is its cheapest checkpoint at which every task's *calibration* accuracy stays within
 ``tolerance`` of its unpruned single-task network (matched accuracy), and only that checkpoint is
@@ -33,13 +35,16 @@ from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet, TaskSpace
 from pamfx.passes.finetune import finetune, multilabel_loss
 from pamfx.passes.merge import as_multitask, merge
+from pamfx.passes.mtz import mtz_merge
 from pamfx.passes.prune import Checkpoint, Trajectory, check_calibration_noise, recover
 from pamfx.passes.taylor import prune_taylor
 from pamfx.passes.vib import prune_vib
 from pamfx.zoo.train import evaluate_multitask, get_or_train
 
 PRUNERS = ("taylor", "vib")
-METHODS = ("baseline1", "pam")
+METHODS = ("baseline1", "mtz", "pam")
+METHOD_TITLES = {"baseline1": "baseline 1: every single-task network on its own",
+                 "mtz": "baseline 2: MTZ merge (+ joint fine-tune)", "pam": "PAM: regroup, merge, fine-tune"}
 
 
 @dataclass
@@ -50,6 +55,7 @@ class ExperimentConfig:
     model: str = "lenet5"
     tasks: int = 2
     seeds: list[int] = field(default_factory=lambda: [0])
+    methods: list[str] = field(default_factory=lambda: ["baseline1", "pam"])
     n_train: int = 3000
     n_calib: int = 3000
     n_test: int = 2000
@@ -74,6 +80,8 @@ class ExperimentConfig:
     prune_patience: int = 3
     prune_floor: float = 0.02
     importance_batches: int = 10
+    mtz_samples: int = 500
+    mtz_finetune_steps: int = 200
     recover_candidates: int = 3
     recover_epochs: int = 2
     vib_epochs: int = 8
@@ -104,6 +112,11 @@ class ExperimentConfig:
             (isinstance(self.seeds, list) and len(self.seeds) > 0 and all(isinstance(s, int) and s >= 0 for s in self.seeds),
              f"'seeds' must be a non-empty list of non-negative ints, got {self.seeds!r}"),
             (self.vib_kl >= 0 and self.vib_epochs >= 1, "'vib_kl' must be >= 0 and 'vib_epochs' >= 1"),
+            (isinstance(self.methods, list) and "pam" in self.methods and set(self.methods) <= set(METHODS)
+             and len(set(self.methods)) == len(self.methods),
+             f"'methods' must list distinct methods of {METHODS}, 'pam' among them, got {self.methods!r}"),
+            (self.mtz_samples >= 2 and self.mtz_finetune_steps >= 1,
+             "'mtz_samples' must be >= 2 and 'mtz_finetune_steps' >= 1"),
             (self.recover_candidates >= 0 and self.recover_epochs >= 1,
              "'recover_candidates' must be >= 0 and 'recover_epochs' >= 1"),
         ]
@@ -122,7 +135,8 @@ class MethodResult:
     calib_accuracy: dict[str, float]
     matched: bool
     trajectories: dict[str, Trajectory]
-    seconds: float
+    network: fx.GraphModule | dict[str, fx.GraphModule]
+    seconds: float = 0.0
 
 
 @dataclass
@@ -195,11 +209,11 @@ def _selected(trajectory: Trajectory, tolerance: float) -> tuple[Checkpoint, boo
 
 
 def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Callable[[str], None] = print) -> SeedRun:
-    """Run baseline 1 and PAM on one seed (see the module docstring)."""
+    """Run the configured methods on one seed (see the module docstring)."""
     data = load_dataset(config.dataset, seed=seed, n_train=config.n_train, n_calib=config.n_calib, n_test=config.n_test)
     label_map = task_split(config.tasks)
     tasks = TaskSpace(tuple(label_map))
-    log(f"[seed {seed}] [1/4] single-task networks: {config.model} on {config.dataset}, tasks {list(tasks)}")
+    log(f"[seed {seed}] [1/{len(config.methods) + 1}] single-task networks: {config.model} on {config.dataset}, tasks {list(tasks)}")
     models = {
         t: get_or_train(data, config.model, label_map[t], width=config.width, epochs=config.epochs, lr=config.lr,
                         batch_size=config.batch_size, seed=seed * 100 + i, cache=config.cache, progress=progress).eval()
@@ -214,50 +228,78 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
     run = SeedRun(seed, tasks, test_reference, calib_reference, _parse_weights(tasks, config.combination_weights))
     pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
 
-    log(f"[seed {seed}] [2/4] baseline 1: {config.pruner} pruning of every single-task network")
-    start = time.perf_counter()
-    singles = {t: pruner(as_multitask(models[t], example, t)) for t in tasks}
-    chosen = {t: _selected(traj, config.tolerance) for t, traj in singles.items()}
-    single_cost = {t: cost(point.network) for t, (point, _) in chosen.items()}
-    run.methods["baseline1"] = MethodResult(
-        flops={c: sum(single_cost[t].flops for t in tasks.ordered_names(c)) for c in tasks.combinations()},
-        params={c: sum(single_cost[t].params for t in tasks.ordered_names(c)) for c in tasks.combinations()},
-        test_accuracy={t: evaluate_multitask(p.network, data.test, {t: label_map[t]})[t] for t, (p, _) in chosen.items()},
-        calib_accuracy={t: p.accuracy[t] for t, (p, _) in chosen.items()},
-        matched=all(ok for _, ok in chosen.values()), trajectories=singles, seconds=time.perf_counter() - start,
-    )
-    log(f"          {time.perf_counter() - start:.0f} s; kept "
-        + ", ".join(f"{t} {100 * single_cost[t].flops / cost(models[t], example_input=example).flops:.1f}%" for t in tasks)
-        + " of the unpruned FLOPs")
-
-    log(f"[seed {seed}] [3/4] PAM: regroup (alpha={config.alpha}{' relative' if config.relative_alpha else ' bits'}), "
-        "merge, fine-tune")
-    start = time.perf_counter()
-    layers = organise_layers(models, example)
     n = min(config.regroup_samples, len(data.calib))
     labels = {t: data.calib.labels[:n, label_map[t]] for t in tasks}
-    run.regrouping = regroup(layers, data.calib.images[:n], labels, alpha=config.alpha, relative=config.relative_alpha,
-                             variant=config.regroup_variant, progress=progress)
-    merged = merge(models, example, run.regrouping.grouping, layers=layers)
-    finetune(merged, train, multilabel_loss(label_map), epochs=config.finetune_epochs, lr=config.finetune_lr,
-             seed=seed, progress=progress)
-    log(f"[seed {seed}] [4/4] PAM: {config.pruner} pruning of the merged network")
-    trajectory = pruner(merged)
-    point, matched = _selected(trajectory, config.tolerance)
-    network = point.network
-    pam_cost = {c: cost(network, c) for c in tasks.combinations()}
-    run.methods["pam"] = MethodResult(
-        flops={c: k.flops for c, k in pam_cost.items()}, params={c: k.params for c, k in pam_cost.items()},
-        test_accuracy=evaluate_multitask(network, data.test, label_map), calib_accuracy=dict(point.accuracy),
-        matched=matched, trajectories={"pam": trajectory}, seconds=time.perf_counter() - start,
+    loss = multilabel_loss(label_map)
+    for step, method in enumerate(config.methods, start=2):
+        log(f"[seed {seed}] [{step}/{len(config.methods) + 1}] {METHOD_TITLES[method]}, {config.pruner} pruning")
+        start = time.perf_counter()
+        if method == "baseline1":
+            singles = {t: finetune(as_multitask(m, example, t), train, multilabel_loss({t: label_map[t]}),
+                                   epochs=config.finetune_epochs, lr=config.finetune_lr, seed=seed, progress=progress)
+                       for t, m in models.items()}
+            run.methods[method] = _baseline1(singles, pruner, config.tolerance, data.test, label_map)
+        else:
+            if method == "pam":
+                layers = organise_layers(models, example)
+                run.regrouping = regroup(layers, data.calib.images[:n], labels, alpha=config.alpha,
+                                         relative=config.relative_alpha, variant=config.regroup_variant, progress=progress)
+                merged = merge(models, example, run.regrouping.grouping, layers=layers)
+            else:
+                merged = mtz_merge(models, example, data.calib.images[:config.mtz_samples], train_loader=train, loss_fn=loss,
+                                   finetune_steps=config.mtz_finetune_steps, lr=config.finetune_lr, seed=seed,
+                                   progress=progress)
+            finetune(merged, train, loss, epochs=config.finetune_epochs, lr=config.finetune_lr, seed=seed,
+                     progress=progress)
+            run.methods[method] = _merged(method, merged, pruner, config.tolerance, data.test, label_map)
+            if method == "pam":
+                _sharing(run, merged, run.methods[method].network)
+        run.methods[method].seconds = time.perf_counter() - start
+        log(f"          {run.methods[method].seconds:.0f} s; " + ", ".join(
+            f"{'&'.join(tasks.ordered_names(c))} {run.methods[method].flops[c] / 1e6:.3f} MFLOPs"
+            for c in tasks.combinations() if c in (*(tasks.bit(t) for t in tasks), max(tasks.combinations()))))
+    return run
+
+
+def _baseline1(networks: Mapping[str, fx.GraphModule], pruner: _Pruner, tolerance: float, test: Dataset,
+               label_map: Mapping[str, list[int]]) -> MethodResult:
+    """Baseline 1: every single-task network (`as_multitask` form, fine-tuned as the merged networks
+    are) pruned on its own; a combination costs the sum of its tasks'."""
+    tasks = TaskSpace(tuple(networks))
+    singles = {t: pruner(network) for t, network in networks.items()}
+    chosen = {t: _selected(trajectory, tolerance) for t, trajectory in singles.items()}
+    single_cost = {t: cost(point.network) for t, (point, _) in chosen.items()}
+    return MethodResult(
+        flops={c: sum(single_cost[t].flops for t in tasks.ordered_names(c)) for c in tasks.combinations()},
+        params={c: sum(single_cost[t].params for t in tasks.ordered_names(c)) for c in tasks.combinations()},
+        test_accuracy={t: evaluate_multitask(p.network, test, {t: label_map[t]})[t] for t, (p, _) in chosen.items()},
+        calib_accuracy={t: p.accuracy[t] for t, (p, _) in chosen.items()},
+        matched=all(ok for _, ok in chosen.values()), trajectories=singles,
+        network={t: p.network for t, (p, _) in chosen.items()},
     )
-    log(f"          {time.perf_counter() - start:.0f} s")
-    stages = {"merged": read_multitask(merged).grouping(), "pruned": read_multitask(network).grouping()}
+
+
+def _merged(method: str, merged: fx.GraphModule, pruner: _Pruner, tolerance: float, test: Dataset,
+            label_map: Mapping[str, list[int]]) -> MethodResult:
+    """A merged network (PAM or MTZ) pruned as a whole; a combination costs its subgraph."""
+    trajectory = pruner(merged)
+    point, matched = _selected(trajectory, tolerance)
+    combos = {c: cost(point.network, c) for c in trajectory.tasks.combinations()}
+    return MethodResult(
+        flops={c: k.flops for c, k in combos.items()}, params={c: k.params for c, k in combos.items()},
+        test_accuracy=evaluate_multitask(point.network, test, label_map), calib_accuracy=dict(point.accuracy),
+        matched=matched, trajectories={method: trajectory}, network=point.network,
+    )
+
+
+def _sharing(run: SeedRun, merged: fx.GraphModule, pruned: fx.GraphModule) -> None:
+    """Sharing ratios and group sizes after merging and after pruning (Fig. 4.6), and the share of the
+    FLOPs on cross-origin connections."""
+    stages = {"merged": read_multitask(merged).grouping(), "pruned": read_multitask(pruned).grouping()}
     run.sharing_ratio = {stage: {name: g.sharing_ratio(name) for name in g.layer_names} for stage, g in stages.items()}
     run.group_sizes = {stage: {name: g.group_sizes(name) for name in g.layer_names} for stage, g in stages.items()}
-    run.cross_origin_share = {"&".join(tasks.ordered_names(c)): cross_origin_flops(network, c) / k.flops
-                              for c, k in pam_cost.items()}
-    return run
+    run.cross_origin_share = {"&".join(run.tasks.ordered_names(c)): cross_origin_flops(pruned, c) / cost(pruned, c).flops
+                              for c in run.tasks.combinations()}
 
 
 def run_comparison(config: ExperimentConfig, progress: bool = True, log: Callable[[str], None] = print) -> list[SeedRun]:
@@ -345,8 +387,8 @@ def results_dict(config: ExperimentConfig, runs: list[SeedRun]) -> dict[str, Any
                          for m in methods},
         })
     accuracy_gap = {
-        t: _mean_std([r.methods["pam"].test_accuracy[t] - r.methods["baseline1"].test_accuracy[t] for r in runs])
-        for t in tasks
+        m: {t: _mean_std([r.methods["pam"].test_accuracy[t] - r.methods[m].test_accuracy[t] for r in runs]) for t in tasks}
+        for m in methods if m != "pam"
     }
     return {
         "config": dataclasses.asdict(config),
@@ -361,7 +403,7 @@ def results_dict(config: ExperimentConfig, runs: list[SeedRun]) -> dict[str, Any
             "gain": {m: {k: _mean_std([s["gain"][m][k] for s in seeds]) for k in ("average", "peak")}
                      for m in methods if m != "pam"},
             "reference_accuracy": {t: _mean_std([s["reference_accuracy"][t] for s in seeds]) for t in tasks},
-            "test_accuracy_gap_pam_minus_baseline1": accuracy_gap,
+            "test_accuracy_gap_pam_minus": accuracy_gap,
             "matched": {m: all(s["matched"][m] for s in seeds) for m in methods},
         },
         "seeds": seeds,

@@ -3,6 +3,8 @@ import json
 
 import pytest
 
+import pamfx
+
 from pamfx.cli import load_config, main
 from pamfx.errors import InputError
 from pamfx.experiment import ExperimentConfig, results_dict, run_comparison
@@ -100,3 +102,21 @@ def test_cli_help_and_errors(tmp_path, capsys):
     assert main(["run", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_any_set_of_methods_compares_mtz_as_baseline_2(tmp_path):
+    config = ExperimentConfig.from_mapping(dict(TINY, seeds=[0], methods=["mtz", "pam"], mtz_samples=64,
+                                                mtz_finetune_steps=2, cache=str(tmp_path)))
+    runs = run_comparison(config, progress=False, log=lambda *_: None)
+    results = results_dict(config, runs)
+    assert set(results["summary"]["gain"]) == {"mtz"}
+    combos = results["seeds"][0]["combinations"]
+    assert all(set(c["flops"]) == {"mtz", "pam"} for c in combos)
+    ratios = [c["flops"]["mtz"] / c["flops"]["pam"] for c in combos]
+    assert results["seeds"][0]["gain"]["mtz"]["average"] == pytest.approx(sum(ratios) / 3)
+    mtz = runs[0].methods["mtz"].network
+    shared = pamfx.read_multitask(mtz).grouping()
+    assert all(ratio > 0 for ratio in (shared.sharing_ratio(n) for n in shared.layer_names))
+    assert "pam/mtz" in format_table(results)
+    with pytest.raises(InputError, match="methods"):
+        ExperimentConfig.from_mapping({"methods": ["baseline1", "mtz"]})
