@@ -7,15 +7,17 @@ from pamfx.analysis.cost import Cost, cost
 from pamfx.analysis.layer_organisation import organise_graph, organise_layers
 from pamfx.analysis.activations import LayerActivations, collect_activations
 from pamfx.analysis.alpha_trace import RegroupTrace
-from pamfx.analysis.multitask_view import IRError, read_multitask
+from pamfx.analysis.multitask_view import read_multitask
 from pamfx.analysis.mutual_information import MIEstimator, estimate_mi, mi_bounds
 from pamfx.analysis.regroup import RegroupResult, regroup, regroup_features
 from pamfx.codegen.emit import emit, fusion_report
-from pamfx.codegen.export import ExportError, export_all, export_onnx
+from pamfx.codegen.export import export_all, export_onnx
 from pamfx.codegen.fusion import FusionCostModel
 from pamfx.codegen.runtime import MultitaskRuntime
 from pamfx.errors import (
+    ExportError,
     GroupingError,
+    IRError,
     InputError,
     MismatchError,
     PamfxError,

@@ -24,3 +24,11 @@ class GroupingError(PamfxError):
 
 class InputError(PamfxError):
     """An argument (labels, activations, alpha, K, a path, ...) is out of range or malformed."""
+
+
+class IRError(PamfxError):
+    """A GraphModule carries no pamfx IR, or IR that contradicts its graph."""
+
+
+class ExportError(PamfxError):
+    """An ONNX export failed, or its model disagrees with the module on the example input."""

@@ -21,7 +21,6 @@ DataLoader); pamfx never reads a split on its own. Networks run in eval mode und
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal, Mapping, Sequence
 
@@ -30,6 +29,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from pamfx.errors import InputError, MismatchError
+from pamfx.frontend import eval_mode
 from pamfx.ir.neuron_layer import LayerMap, NeuronLayer
 from pamfx.ir.task_set import TaskSpace
 
@@ -119,18 +119,6 @@ def _summarise(value: torch.Tensor, conv_summary: ConvSummary) -> torch.Tensor:
     return flat
 
 
-@contextmanager
-def _eval_mode(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
-    saved = [(m, m.training) for root in modules for m in root.modules()]
-    try:
-        for root in modules:
-            root.eval()
-        yield
-    finally:
-        for module, training in saved:
-            module.train(training)
-
-
 def _device_of(module: torch.nn.Module) -> torch.device:
     for tensor in list(module.parameters()) + list(module.buffers()):
         return tensor.device
@@ -169,8 +157,9 @@ def collect_activations(
     collected: dict[tuple[str, str], list[torch.Tensor]] = {(l.name, t): [] for l in selected for t in tasks.names}
     batches, total = _batches(calibration_inputs, batch_size)
     num_samples = 0
-    with torch.no_grad(), _eval_mode(extractors.values()):
-        for batch in tqdm(batches, total=total, desc="activations", disable=not progress, leave=False):
+    with torch.no_grad(), eval_mode(*extractors.values()):
+        for i, batch in enumerate(tqdm(batches, total=total, desc="activations", disable=not progress, leave=False)):
+            _check_batch(i, batch, layers.example_input)
             num_samples += batch.shape[0]
             for task, extractor in extractors.items():
                 outputs = extractor(batch.to(_device_of(extractor)))
@@ -180,6 +169,15 @@ def collect_activations(
         raise InputError("calibration_inputs yielded no samples")
     features = {layer.name: _merge(layer, tasks, collected) for layer in selected}
     return LayerActivations(tasks, features, conv_summary, num_samples)
+
+
+def _check_batch(i: int, batch: torch.Tensor, example: torch.Tensor) -> None:
+    """Raise `InputError` unless calibration batch ``i`` holds samples shaped like the example input."""
+    if tuple(batch.shape[1:]) != tuple(example.shape[1:]) or batch.dtype != example.dtype:
+        raise InputError(
+            f"calibration batch {i} has samples of shape {tuple(batch.shape[1:])} ({batch.dtype}); the networks were "
+            f"organised on {tuple(example.shape[1:])} ({example.dtype})"
+        )
 
 
 def _merge(layer: NeuronLayer, tasks: TaskSpace, collected: Mapping[tuple[str, str], list[torch.Tensor]]) -> torch.Tensor:

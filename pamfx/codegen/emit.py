@@ -40,13 +40,10 @@ from pamfx.codegen.fusion import FusionCostModel
 from pamfx.errors import InputError
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
-from pamfx.ir.neuron_layer import META_MASK
+from pamfx.ir.meta import META_DECLINED, META_FUSED, META_GROUP, META_MASK
 from pamfx.ir.task_set import TaskSet, is_subset
 from pamfx.passes.module_surgery import attr_name, channel_tensors, rebuild
 
-META_GROUP = "pamfx_group"
-META_FUSED = "pamfx_fused"
-META_DECLINED = "pamfx_fusion_declined"
 FUSE_MODES = ("never", "always", "auto")
 
 
@@ -386,15 +383,27 @@ def emit(
     call), ``"auto"`` (fused where `FusionCostModel.calibrate(batch)` predicts it faster), or a
     `FusionCostModel` to decide with. ``batch``: the input batch size those predictions assume.
     """
+    return emit_view(read_multitask(merged), tasks, share_weights=share_weights, fuse=fuse, batch=batch)
+
+
+def emit_view(
+    view: MultitaskView,
+    tasks: Iterable[str] | str | TaskSet,
+    *,
+    share_weights: bool = False,
+    fuse: str | FusionCostModel = "never",
+    batch: int = 1,
+) -> fx.GraphModule:
+    """`emit` from an IR view already read (`read_multitask`), so a caller emitting many
+    combinations reads and checks the IR once."""
     if not (isinstance(fuse, FusionCostModel) or fuse in FUSE_MODES):
         raise InputError(f"fuse={fuse!r}: expected one of {FUSE_MODES} or a FusionCostModel")
-    if batch < 1:
-        raise InputError(f"batch={batch}: expected a positive batch size")
-    view = read_multitask(merged)
+    if not isinstance(batch, int) or batch < 1:
+        raise InputError(f"batch={batch!r}: expected a positive batch size")
     combo = view.tasks.select(tasks)
     gm = _Emitter(view, combo, share_weights, fuse, batch).run()
-    shape_propagate(gm, example_from_meta(merged))
-    gm.train(merged.training)
+    shape_propagate(gm, example_from_meta(view.gm), f"emitted module {view.tasks.label(combo)!r}")
+    gm.training = view.gm.training
     return gm
 
 

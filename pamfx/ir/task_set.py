@@ -10,6 +10,7 @@ import torch
 from pamfx.errors import InputError
 
 TaskSet = int
+SEPARATOR = "&"  # joins task names in a task set's label, e.g. ``A&B``
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,11 @@ class TaskSpace:
             raise InputError(f"task names must be unique, got {list(self.names)}")
         if any(not isinstance(n, str) or not n for n in self.names):
             raise InputError(f"task names must be non-empty strings, got {list(self.names)}")
+        if any(SEPARATOR in n for n in self.names):
+            raise InputError(
+                f"task names must not contain {SEPARATOR!r}, which joins the names of a task set "
+                f"(a task 'A{SEPARATOR}B' would read as the set {{A, B}}); got {list(self.names)}"
+            )
 
     @property
     def k(self) -> int:
@@ -56,7 +62,7 @@ class TaskSpace:
 
     def label(self, task_set: TaskSet) -> str:
         """A readable name for a task set, e.g. ``A&B``."""
-        return "&".join(self.ordered_names(task_set))
+        return SEPARATOR.join(self.ordered_names(task_set))
 
     def select(self, selection: "Iterable[str] | str | TaskSet | None") -> TaskSet:
         """A task combination from names, one name, a bitmask, or None (all tasks); never empty."""

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pamfx.analysis.layer_organisation import DENSE, HEAD, Submodules
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.errors import InputError
-from pamfx.ir.neuron_layer import META_MASK
+from pamfx.ir.meta import META_MASK
 from pamfx.ir.task_set import popcount
 from pamfx.passes.module_surgery import expand_mask
 

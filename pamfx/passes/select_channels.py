@@ -19,7 +19,7 @@ from pamfx.analysis.multitask_view import read_multitask
 from pamfx.errors import InputError
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
-from pamfx.ir.neuron_layer import META_LAYER, META_MASK
+from pamfx.ir.meta import META_LAYER, META_MASK
 from pamfx.passes.module_surgery import channel_tensors, rebuild
 
 
