@@ -28,6 +28,7 @@ from pamfx.frontend import trace
 from pamfx.ir import Grouping, LayerMap, NeuronLayer, TaskSpace
 from pamfx.passes.merge import merge
 from pamfx.passes.select_channels import select_channels, sort_channels
+from pamfx.serialization import load, save
 
 __version__ = "0.1.0"
 
@@ -65,6 +66,8 @@ __all__ = [
     "read_multitask",
     "regroup",
     "regroup_features",
+    "load",
+    "save",
     "select_channels",
     "sort_channels",
     "trace",
