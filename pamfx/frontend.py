@@ -20,6 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from pamfx.errors import InputError, TraceError
 from pamfx.ir.meta import META_TASKS
+from pamfx.passes.raise_aten import is_exported, raise_exported
 
 HOOK_DICTS = (
     "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
@@ -98,7 +99,7 @@ def trace(
     """Symbolically trace a private copy of ``model`` and run `ShapeProp` on it.
 
     ``model`` is an nn.Module, an fx.GraphModule, a ``torch.export.ExportedProgram`` or its
-    ``.module()``. Every node of the result carries ``meta["tensor_meta"]``; ``model`` itself is
+    ``.module()`` (raised back to nn modules by `pamfx.passes.raise_aten`). Every node of the result carries ``meta["tensor_meta"]``; ``model`` itself is
     never written to. A model that cannot be traced raises `TraceError` naming the submodule and
     source line where tracing broke; one that fails on ``example_input`` names the node and keeps
     torch's message. With ``single_task`` (the default: what merging takes) a merged network or a
@@ -108,7 +109,9 @@ def trace(
         raise TraceError(f"{name}: example_input must be a torch.Tensor, got {type(example_input).__name__}")
     if example_input.dim() < 1 or example_input.shape[0] < 1:
         raise TraceError(f"{name}: example_input must hold at least one sample, got shape {tuple(example_input.shape)}")
-    if isinstance(model, fx.GraphModule):
+    if is_exported(model):
+        gm = raise_exported(model, name)
+    elif isinstance(model, fx.GraphModule):
         gm = private_copy(model, name)
     elif isinstance(model, nn.Module):
         root = private_copy(model, name)

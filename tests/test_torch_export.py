@@ -1,0 +1,50 @@
+"""The torch.export front end: ExportedProgram and ep.module() merge like the eager models."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pamfx
+from tests.conftest import example_input, make_models
+
+
+def exported(models: dict) -> dict:
+    """Task A as an ExportedProgram, the others as ``ep.module()``."""
+    out = {}
+    for i, (task, model) in enumerate(models.items()):
+        program = torch.export.export(model, (example_input(),))
+        out[task] = program if i == 0 else program.module()
+    return out
+
+
+@pytest.mark.parametrize("arch", ["resnet", "mobilenetv2"])
+def test_exported_models_merge_exactly_like_the_eager_ones(arch):
+    models = make_models(arch, 3, seed=4)
+    programs = exported(models)
+    layers = pamfx.organise_layers(programs, example_input())
+    assert layers.names == pamfx.organise_layers(models, example_input()).names
+    x = example_input(batch=4, seed=2)
+    origin = pamfx.merge(programs, example_input(), "origin", layers=layers).eval()
+    for task, model in models.items():
+        assert torch.allclose(origin(x)[task], model(x), atol=1e-5)
+    merged = pamfx.merge(programs, example_input(), pamfx.Grouping.random(layers, 5), layers=layers).eval()
+    expected = merged(x)
+    for combo in layers.tasks.combinations():
+        for task, value in pamfx.emit(merged, combo)(x).items():
+            assert torch.allclose(value, expected[task], atol=1e-5)
+
+
+class ChannelSoftmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(F.softmax(self.conv(x), dim=1).mean((2, 3)))
+
+
+def test_an_exported_op_pamfx_does_not_know_is_refused_by_name():
+    programs = exported({"A": ChannelSoftmax(), "B": ChannelSoftmax()})
+    with pytest.raises(pamfx.UnsupportedOpError, match="softmax"):
+        pamfx.organise_layers(programs, example_input())
