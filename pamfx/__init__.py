@@ -1,6 +1,6 @@
 """pamfx: Pruning-Aware Merging of single-task networks into one multitask network, on torch.fx.
 
-Pipeline (DESIGN.md §1): ``trace`` → ``organise_layers`` → (``regroup``) → ``merge`` →
+Pipeline (docs/design.md §1): ``trace`` → ``organise_layers`` → (``regroup``) → ``merge`` →
 fine-tune / prune → ``emit`` one standalone module per task combination.
 """
 from pamfx.analysis.cost import Cost, cost

@@ -1,4 +1,4 @@
-"""Bad input gets a clear pamfx error naming the model, node or argument (DESIGN.md §9.6)."""
+"""Bad input gets a clear pamfx error naming the model, node or argument (docs/design.md §13)."""
 import pytest
 import torch
 import torch.nn.functional as F

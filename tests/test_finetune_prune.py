@@ -1,4 +1,4 @@
-"""Fine-tuning with gradient averaging and Taylor pruning of merged networks (DESIGN.md §5)."""
+"""Fine-tuning with gradient averaging and Taylor pruning of merged networks (docs/design.md §5)."""
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset

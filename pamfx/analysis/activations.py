@@ -1,4 +1,4 @@
-"""Neuron-layer activations of the K single-task networks on calibration data (Sec. 4.5.2, DESIGN §3).
+"""Neuron-layer activations of the K single-task networks on calibration data (Sec. 4.5.2, docs/design.md §3).
 
 For every neuron layer L_i and task t, the value of ``structures[t].output_node`` in
 ``graphs[t]`` — for a residual block the block output after the addition (Sec. 4.5.3) — is
@@ -26,12 +26,12 @@ from typing import Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import fx
-from tqdm.auto import tqdm
 
 from pamfx.errors import InputError, MismatchError
 from pamfx.frontend import eval_mode
 from pamfx.ir.neuron_layer import LayerMap, NeuronLayer
 from pamfx.ir.task_set import TaskSpace
+from pamfx.progress import progress_bar
 
 ConvSummary = Literal["mean", "max", "map"]
 
@@ -158,7 +158,7 @@ def collect_activations(
     batches, total = _batches(calibration_inputs, batch_size)
     num_samples = 0
     with torch.no_grad(), eval_mode(*extractors.values()):
-        for i, batch in enumerate(tqdm(batches, total=total, desc="activations", disable=not progress, leave=False)):
+        for i, batch in enumerate(progress_bar(batches, total=total, desc="activations", enabled=progress)):
             _check_batch(i, batch, layers.example_input)
             num_samples += batch.shape[0]
             for task, extractor in extractors.items():

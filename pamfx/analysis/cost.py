@@ -1,4 +1,4 @@
-"""Cost of a task combination: FLOPs, multiply-accumulates and parameters (DESIGN.md §7).
+"""Cost of a task combination: FLOPs, multiply-accumulates and parameters (docs/design.md §7).
 
 Convention (that of `torch.utils.flop_counter.FlopCounterMode`): ``flops = 2 × MACs`` of conv and
 linear ops (depthwise convs included), per input sample; bias additions, BatchNorm, activations,

@@ -1,4 +1,4 @@
-"""Emit: the standalone module of one task combination S (DESIGN.md §6).
+"""Emit: the standalone module of one task combination S (docs/design.md §6).
 
 The emitted GraphModule holds only the active channels (τ ∩ S ≠ ∅) of every neuron layer, as one
 tensor per active group τ, and computes each output group from exactly its allowed input groups

@@ -1,4 +1,4 @@
-"""ONNX export of emitted modules, simplified with onnxsim and checked with onnxruntime (DESIGN.md §6).
+"""ONNX export of emitted modules, simplified with onnxsim and checked with onnxruntime (docs/design.md §6).
 
 `export_onnx` writes one module: its input is named after the module's placeholder and has a
 dynamic batch axis ``"batch"``; a ``{task: tensor}`` output becomes one named ONNX output per task,
@@ -35,7 +35,6 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 from torch import fx, nn
-from tqdm.auto import tqdm
 
 from pamfx.analysis.cost import merged_cost
 from pamfx.analysis.multitask_view import read_multitask
@@ -43,6 +42,7 @@ from pamfx.codegen.emit import emit_view
 from pamfx.errors import ExportError, InputError
 from pamfx.frontend import eval_mode
 from pamfx.ir.task_set import TaskSet, TaskSpace
+from pamfx.progress import progress_bar
 
 Exporter = Literal["auto", "torchscript", "dynamo"]
 EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
@@ -324,7 +324,7 @@ def export_all(
     options = dict(simplify=simplify, check=check, exporter=exporter, tolerance=tolerance, input_name=input_name)
     combinations: dict[str, Any] = {}
     with _AtomicFiles() as staged:
-        for combo in tqdm(tasks.combinations(), desc="ONNX export", unit="combination", disable=not progress):
+        for combo in progress_bar(tasks.combinations(), desc="ONNX export", unit="combination", enabled=progress, leave=True):
             staged.write(out / files[combo], _onnx_bytes(emit_view(view, combo), example_input, **options))
             c = merged_cost(view, combo)
             combinations[tasks.label(combo)] = {

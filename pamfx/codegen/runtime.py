@@ -1,4 +1,4 @@
-"""A run-time container serving every task combination from one copy of the weights (DESIGN.md §6)."""
+"""A run-time container serving every task combination from one copy of the weights (docs/design.md §6)."""
 from __future__ import annotations
 
 from typing import Iterable

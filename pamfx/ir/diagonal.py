@@ -2,7 +2,7 @@
 
 Channel ``src[k]`` of the source layer feeds channel ``dst[k]`` of the destination layer with
 weight 1; every other destination channel receives 0. Merging replaces each identity shortcut by
-one of these so that forbidden diagonal connections (τ_dst ⊄ τ_src) are absent (DESIGN.md §2).
+one of these so that forbidden diagonal connections (τ_dst ⊄ τ_src) are absent (docs/design.md §2).
 """
 from __future__ import annotations
 

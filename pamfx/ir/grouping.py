@@ -1,4 +1,4 @@
-"""Groupings: a task set τ(c) for every merged channel c of every hidden neuron layer (DESIGN.md §2)."""
+"""Groupings: a task set τ(c) for every merged channel c of every hidden neuron layer (docs/design.md §2)."""
 from __future__ import annotations
 
 from collections import Counter

@@ -1,4 +1,4 @@
-"""Neuron layers and the layer map that matches them across the K networks (DESIGN.md §2).
+"""Neuron layers and the layer map that matches them across the K networks (docs/design.md §2).
 
 Pure data: the algorithm that fills these in is `pamfx.analysis.layer_organisation`.
 """

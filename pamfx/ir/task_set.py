@@ -1,4 +1,4 @@
-"""Task sets: non-empty subsets of the K named tasks, stored as integer bitmasks (DESIGN.md §2)."""
+"""Task sets: non-empty subsets of the K named tasks, stored as integer bitmasks (docs/design.md §2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -21,13 +21,13 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import fx
-from tqdm.auto import tqdm
 
 from pamfx.analysis.cost import channel_flops, cost
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
 from pamfx.errors import InputError
 from pamfx.passes.finetune import TaskLoss, finetune
 from pamfx.passes.select_channels import select_channels
+from pamfx.progress import progress_bar
 
 Evaluate = Callable[[fx.GraphModule], Mapping[str, float]]
 
@@ -150,7 +150,7 @@ def prune_taylor(
     fraction = {t: step_fraction for t in tasks}
     result = PruneResult(gm, reference, accuracy)
     flops_now = cost(gm).flops
-    bar = tqdm(total=max_rounds, desc="prune", disable=not progress, leave=False)
+    bar = progress_bar(total=max_rounds, desc="prune", enabled=progress)
     for round_ in range(max_rounds):
         active = [t for t in tasks if fraction[t] > 0]
         if not active or (flops_target is not None and flops_now <= flops_target):
