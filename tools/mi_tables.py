@@ -71,6 +71,7 @@ def neutral_set_table(
 
 
 def main() -> None:
+    """Print both tables."""
     print("one weak neuron + k noise neurons, k = 0, 5, 10, 20, 50 (bits)")
     for row_name, values in noise_drift_table().items():
         print(f"  {row_name:48s}", "  ".join(f"{v:6.3f}" for v in values))
