@@ -1,11 +1,10 @@
 """The torch.export front end: ExportedProgram and ep.module() merge like the eager models."""
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import pamfx
 from tests.conftest import example_input, make_models
+from tests.test_errors import ChannelSoftmax
 
 
 def exported(models: dict) -> dict:
@@ -32,16 +31,6 @@ def test_exported_models_merge_exactly_like_the_eager_ones(arch):
     for combo in layers.tasks.combinations():
         for task, value in pamfx.emit(merged, combo)(x).items():
             assert torch.allclose(value, expected[task], atol=1e-5)
-
-
-class ChannelSoftmax(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc(F.softmax(self.conv(x), dim=1).mean((2, 3)))
 
 
 def test_an_exported_op_pamfx_does_not_know_is_refused_by_name():
