@@ -207,3 +207,27 @@ def test_calibration_data_of_the_wrong_shape_is_named():
     batches = [example_input(batch=2), torch.zeros(2, 3, 16, 16)]
     with pytest.raises(pamfx.InputError, match=r"calibration batch 1 .*\(3, 16, 16\).*\(1, 16, 16\)"):
         pamfx.collect_activations(layers, batches, progress=False)
+
+
+def _entry_points():
+    models, layers = model_set("lenet5", 2)
+    merged = pamfx.merge(models, example_input(), "origin", layers=layers)
+    labels = {"A": torch.zeros(3), "B": torch.zeros(3)}
+    return {
+        "select_channels keep": lambda: pamfx.select_channels(merged, [1, 2]),
+        "select_channels indices": lambda: pamfx.select_channels(merged, {"conv1": "ab"}),
+        "regroup layers": lambda: pamfx.regroup(None, example_input(), labels),
+        "cost tasks": lambda: pamfx.cost(merged, 5.5),
+        "export_onnx module": lambda: pamfx.export_onnx(None, example_input(), "unused.onnx"),
+        "Grouping.from_mapping": lambda: pamfx.Grouping.from_mapping(layers, None),
+        "Grouping.random": lambda: pamfx.Grouping.random(None),
+        "collect_activations": lambda: pamfx.collect_activations(None, example_input()),
+        "fusion_report": lambda: pamfx.fusion_report(None),
+        "estimate_mi": lambda: pamfx.estimate_mi(None, None),
+    }
+
+
+@pytest.mark.parametrize("entry", list(_entry_points()))
+def test_public_entry_points_name_a_wrong_argument(entry):
+    with pytest.raises(pamfx.InputError):
+        _entry_points()[entry]()

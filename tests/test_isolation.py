@@ -119,3 +119,15 @@ def test_reading_the_ir_never_writes_to_the_merged_network():
     view = pamfx.read_multitask(merged)
     assert view.gm is not merged and "tensor_meta" in next(n for n in view.gm.graph.nodes if n.name == scaled.name).meta
     assert {n.name: dict(n.meta) for n in merged.graph.nodes} == metas
+
+
+def test_hooks_on_the_merged_network_stay_there():
+    merged = pamfx.merge(models(), example_input(), "shared")
+    fired = []
+    for module in merged.modules():
+        if not isinstance(module, fx.GraphModule):
+            module.register_forward_hook(lambda mod, i, o: fired.append(type(mod).__name__))
+    pamfx.emit(merged, ["A", "B"])(example_input())
+    assert fired == []
+    merged(example_input())
+    assert fired

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Literal, Mapping, Sequence
 import torch
 from torch import fx
 
-from pamfx.errors import InputError, MismatchError
+from pamfx.errors import InputError, MismatchError, check_type
 from pamfx.frontend import eval_mode
 from pamfx.ir.neuron_layer import LayerMap, NeuronLayer
 from pamfx.ir.task_set import TaskSpace
@@ -141,6 +141,7 @@ def collect_activations(
     on NaN/inf activations (naming layer, task and channel) and `MismatchError` when a node's
     channel count differs from the layer structure.
     """
+    check_type(layers, LayerMap, "layers")
     if conv_summary not in ("mean", "max", "map"):
         raise InputError(f"conv_summary must be 'mean', 'max' or 'map', got {conv_summary!r}")
     if batch_size < 1:

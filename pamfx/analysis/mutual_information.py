@@ -176,7 +176,10 @@ def as_feature_tensor(features: torch.Tensor | np.ndarray, name: str = "features
 
     [N, C, H, W] conv maps become [N, C, H·W]. Raises `InputError` on NaN/inf, naming the neuron.
     """
-    tensor = torch.as_tensor(features)
+    try:
+        tensor = torch.as_tensor(features)
+    except (TypeError, RuntimeError, ValueError) as exc:
+        raise InputError(f"{name} must be an array or tensor, got {type(features).__name__} ({exc})") from exc
     if tensor.ndim < 2:
         raise InputError(f"{name} must be [N, C] or [N, C, ...], got shape {list(tensor.shape)}")
     if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64, torch.bool)):

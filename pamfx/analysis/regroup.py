@@ -57,7 +57,7 @@ from pamfx.analysis.mutual_information import (
     pairwise_sq_distances,
     to_unit,
 )
-from pamfx.errors import InputError
+from pamfx.errors import InputError, check_type
 from pamfx.ir.grouping import Grouping
 from pamfx.ir.neuron_layer import LayerMap
 from pamfx.ir.task_set import TaskSet, TaskSpace, popcount
@@ -559,6 +559,7 @@ def regroup(
     (defaults explained in `pamfx.analysis.mutual_information`). dtype: the precision of the
     candidate scores (float64 is ~2× slower). refresh_every: lazy re-scoring period (1 = exact).
     """
+    check_type(layers, LayerMap, "layers")
     _task_space(layers.tasks)
     if len(layers) == 0:
         raise InputError("layers has no neuron layer to regroup")

@@ -26,7 +26,6 @@ weights are zero in a merged network (merge and fine-tuning keep them so), so th
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from math import prod
 from typing import Any, Iterable
@@ -37,7 +36,7 @@ from torch import fx, nn
 from pamfx.analysis.layer_organisation import ADD, DENSE, FLATTEN, HEAD, META, SHORTCUT, NodeInfo, Submodules
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
 from pamfx.codegen.fusion import FusionCostModel
-from pamfx.errors import InputError
+from pamfx.errors import InputError, check_type
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
 from pamfx.ir.meta import META_DECLINED, META_FUSED, META_GROUP, META_MASK
@@ -170,7 +169,7 @@ class _Emitter:
 
     def copy_plain(self, node: fx.Node) -> fx.Node:
         if node.op == "call_module":
-            self.attrs[attr_name(node.target)] = copy.deepcopy(self.modules[node.target])
+            self.attrs[attr_name(node.target)] = rebuild(self.modules[node.target])
             return self.graph.call_module(attr_name(node.target), self.plain(node.args), self.plain(node.kwargs))
         return self.graph.node_copy(node, lambda n: self.env[n.name])
 
@@ -208,7 +207,7 @@ class _Emitter:
                 sel = self.contiguous(idx)
                 module = rebuild(module, share=self.share, **{k: self.tensor(v, sel) for k, v in tensors.items()})
             else:
-                module = copy.deepcopy(module)  # its own training flag: emit never touches the merged network
+                module = rebuild(module)  # its own copy, without hooks: emit never touches the merged network
             name = self.add_module(f"{node.target}.{self.label(task_set)}", module)
             return self.graph.call_module(name, fx.map_arg(node.args, arg_map), fx.map_arg(node.kwargs, arg_map))
         return self.graph.create_node(node.op, node.target, fx.map_arg(node.args, arg_map), fx.map_arg(node.kwargs, arg_map))
@@ -415,6 +414,7 @@ def fusion_report(emitted: fx.GraphModule, *, declined: bool = False) -> list[di
     considered and declined (by the cost model, or because shared weights are not contiguous),
     with ``"fused": False``.
     """
+    check_type(emitted, fx.GraphModule, "fusion_report: emitted")
     keys = (META_FUSED, META_DECLINED) if declined else (META_FUSED,)
     return [
         {"node": node.name, "fused": key == META_FUSED, **node.meta[key]}

@@ -39,7 +39,7 @@ from torch import fx, nn
 from pamfx.analysis.cost import merged_cost
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.codegen.emit import emit_view
-from pamfx.errors import ExportError, InputError
+from pamfx.errors import ExportError, InputError, check_type
 from pamfx.frontend import eval_mode
 from pamfx.ir.task_set import TaskSet, TaskSpace
 from pamfx.progress import progress_bar
@@ -263,6 +263,7 @@ def export_onnx(
     on a batch one larger) and raises `ExportError` where an output differs from the module's by
     more than ``tolerance`` (absolute and relative). On any failure no file is left behind.
     """
+    check_type(module, nn.Module, "export_onnx: module")
     target = _target(path)
     data = _onnx_bytes(module, example_input, simplify=simplify, check=check, exporter=exporter, tolerance=tolerance)
     with _AtomicFiles() as files:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from pamfx.errors import InputError
@@ -68,7 +69,12 @@ class TaskSpace:
         """A task combination from names, one name, a bitmask, or None (all tasks); never empty."""
         if selection is None:
             return self.all
-        combo = int(selection) if isinstance(selection, int) else self.to_set(selection)
+        if isinstance(selection, (int, np.integer)):
+            combo = int(selection)
+        elif isinstance(selection, (str, Iterable)):
+            combo = self.to_set(selection)
+        else:
+            raise InputError(f"a task combination is task names, one name or a bitmask, got {type(selection).__name__}")
         if combo <= 0 or combo > self.all:
             raise InputError(f"task combination must be a non-empty subset of {list(self.names)}, got {selection!r}")
         return combo

@@ -9,6 +9,7 @@ layer's task-set record follow, so the result is again a valid merged network.
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Mapping, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from torch import fx, nn
 
 from pamfx.analysis.layer_organisation import DENSE, HEAD, SHORTCUT, Submodules
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
-from pamfx.errors import InputError
+from pamfx.errors import InputError, check_type
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
 from pamfx.ir.meta import META_LAYER, META_MASK
@@ -33,11 +34,15 @@ def _feature_index(index: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _check_keep(keep: Mapping[str, Sequence[int]], widths: dict[str, int]) -> dict[str, torch.Tensor]:
+    check_type(keep, Mapping, "select_channels: keep")
     out = {}
     for layer, idx in keep.items():
         if layer not in widths:
             raise InputError(f"select_channels: no neuron layer {layer!r}; layers are {sorted(widths)}")
-        idx = [int(i) for i in idx]
+        try:
+            idx = [operator.index(i) for i in idx]
+        except TypeError as exc:
+            raise InputError(f"select_channels: layer {layer!r}: channel indices must be integers ({exc})") from exc
         if not idx:
             raise InputError(f"select_channels: layer {layer!r} would lose every channel")
         if len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= widths[layer]:
