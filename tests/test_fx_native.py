@@ -87,3 +87,12 @@ def test_passes_require_a_merged_network(make):
     models, _ = model_set("lenet5", 2)
     with pytest.raises(pamfx.IRError):
         make()(fx.symbolic_trace(models["A"]))
+
+
+def test_emit_pass_in_place_turns_the_merged_network_into_the_emitted_module():
+    merged = merged_network("resnet", 8)
+    x = example_input(batch=2, seed=5)
+    expected = merged(x)["B"]
+    result = pamfx.passes.EmitPass(["B"], inplace=True)(merged).graph_module
+    assert result is merged and list(merged(x)) == ["B"]
+    assert torch.allclose(merged(x)["B"], expected, atol=1e-5)
