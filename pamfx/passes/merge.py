@@ -25,7 +25,7 @@ from pamfx.analysis.layer_organisation import (
     organise_graph,
     organise_layers,
 )
-from pamfx.errors import GroupingError, InputError, MismatchError, UnsupportedOpError
+from pamfx.errors import GroupingError, InputError, MismatchError, UnsupportedOpError, check_type
 from pamfx.frontend import shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
 from pamfx.ir.grouping import Grouping
@@ -237,8 +237,7 @@ def check_layers_belong(layers: LayerMap, models: Mapping[str, nn.Module], examp
     ones: same tasks, same module types and every parameter and buffer equal, and an example
     input of the same per-sample shape and dtype.
     """
-    if not isinstance(layers, LayerMap):
-        raise InputError(f"layers must be the LayerMap of pamfx.organise_layers, got {type(layers).__name__}")
+    check_type(layers, LayerMap, "layers (the result of pamfx.organise_layers)")
     if list(layers.tasks) != list(models):
         raise InputError(f"layers are over tasks {list(layers.tasks)}, models over {list(models)}")
     ref = layers.example_input
@@ -287,10 +286,8 @@ def merge(
     or ``"origin"`` / ``"shared"``. The result shares no module, parameter or buffer with
     ``models``; its modules keep the training flags of the modules they were made from.
     """
-    if not isinstance(models, Mapping):
-        raise InputError(f"models must be a mapping {{task_name: model}}, got {type(models).__name__}")
-    if not isinstance(example_input, torch.Tensor):
-        raise InputError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    check_type(models, Mapping, "models ({task_name: model})")
+    check_type(example_input, torch.Tensor, "example_input")
     if layers is None:
         layers = organise_layers(models, example_input)
     else:
