@@ -157,6 +157,29 @@ def _module_stack(node: fx.Node) -> dict[str, tuple[str, str]] | None:
     return {str(k): (str(path), t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}") for k, (path, t) in stack.items()}
 
 
+def _rebuild(data: dict[str, Any]) -> fx.GraphModule:
+    """The GraphModule that `save` described in ``data`` (shapes not yet propagated)."""
+    root: dict[str, Any] = {
+        name: _decode_module(value) if isinstance(value, dict) else value for name, value in data["attributes"].items()
+    }
+    graph = fx.Graph()
+    nodes: dict[str, fx.Node] = {}
+    for entry in data["nodes"]:
+        target = _resolve_function(entry["target"]) if entry["op"] == "call_function" else entry["target"]
+        if entry["op"] == "call_method" and not (target.isidentifier() and not target.startswith("_")):
+            raise InputError(f"load: node {entry['name']!r} calls tensor method {target!r}, which pamfx does not load")
+        args, kwargs = _decode(entry["args"], nodes), _decode(entry["kwargs"], nodes)
+        if entry["op"] == "output":
+            node = graph.output(args[0])
+        else:
+            node = graph.create_node(entry["op"], target, tuple(args), kwargs, name=entry["name"])
+        node.meta.update({k: _decode(v, nodes) for k, v in entry["meta"].items()})
+        if entry["module_stack"] is not None:
+            node.meta["nn_module_stack"] = dict(entry["module_stack"])
+        nodes[entry["name"]] = node
+    return fx.GraphModule(root, graph, class_name=data["class_name"])
+
+
 def save(module: fx.GraphModule, path: str | os.PathLike) -> Path:
     """Write ``module`` (a merged network, an emitted module, any GraphModule of torch.nn modules)
     with its pamfx IR to ``path``, atomically; return the path. See `load`."""
@@ -202,25 +225,10 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
         raise InputError(f"load: {path} is not a file written by pamfx.save")
     if data.get("version") != VERSION:
         raise InputError(f"load: {path} has format version {data.get('version')}, this pamfx reads {VERSION}")
-    root: dict[str, Any] = {
-        name: _decode_module(value) if isinstance(value, dict) else value for name, value in data["attributes"].items()
-    }
-    graph = fx.Graph()
-    nodes: dict[str, fx.Node] = {}
-    for entry in data["nodes"]:
-        target = _resolve_function(entry["target"]) if entry["op"] == "call_function" else entry["target"]
-        if entry["op"] == "call_method" and not (target.isidentifier() and not target.startswith("_")):
-            raise InputError(f"load: node {entry['name']!r} calls tensor method {target!r}, which pamfx does not load")
-        args, kwargs = _decode(entry["args"], nodes), _decode(entry["kwargs"], nodes)
-        if entry["op"] == "output":
-            node = graph.output(args[0])
-        else:
-            node = graph.create_node(entry["op"], target, tuple(args), kwargs, name=entry["name"])
-        node.meta.update({k: _decode(v, nodes) for k, v in entry["meta"].items()})
-        if entry["module_stack"] is not None:
-            node.meta["nn_module_stack"] = dict(entry["module_stack"])
-        nodes[entry["name"]] = node
-    gm = fx.GraphModule(root, graph, class_name=data["class_name"])
-    gm.training = data["training"]
-    example = torch.zeros([1] + list(data["input"]["shape"][1:]), dtype=data["input"]["dtype"])
+    try:
+        gm = _rebuild(data)
+        gm.training = bool(data["training"])
+        example = torch.zeros([1] + list(data["input"]["shape"][1:]), dtype=data["input"]["dtype"])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ImportError, RuntimeError) as exc:
+        raise InputError(f"load: {path} is malformed ({type(exc).__name__}: {exc})") from exc
     return shape_propagate(gm, example, f"module loaded from {path}")

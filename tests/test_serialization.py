@@ -61,7 +61,7 @@ def test_emitted_modules_round_trip(tmp_path):
     assert pamfx.fusion_report(loaded) == pamfx.fusion_report(emitted)
 
 
-def test_a_file_naming_other_functions_is_refused(tmp_path):
+def test_foreign_or_malformed_files_are_refused(tmp_path):
     merged = merged_network("lenet5", 1)
     path = pamfx.save(merged, tmp_path / "m.pamfx")
     data = torch.load(path, weights_only=True)
@@ -69,6 +69,11 @@ def test_a_file_naming_other_functions_is_refused(tmp_path):
     node["target"] = "os:system"
     torch.save(data, path)
     with pytest.raises(pamfx.InputError, match="'os:system' is not one pamfx loads"):
+        pamfx.load(path)
+    data = torch.load(pamfx.save(merged, path), weights_only=True)
+    del data["attributes"][next(iter(data["attributes"]))]  # a module the graph calls
+    torch.save(data, path)
+    with pytest.raises(pamfx.InputError, match="malformed"):
         pamfx.load(path)
     torch.save({"format": "pamfx.graph_module", "payload": nn.ReLU()}, path)  # needs unpickling a class
     with pytest.raises(pamfx.InputError, match="cannot read") as err:
