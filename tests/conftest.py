@@ -50,7 +50,7 @@ def model_set(arch: str, k: int) -> tuple[dict[str, nn.Module], pamfx.LayerMap]:
 def perturb(gm: torch.fx.GraphModule, seed: int) -> torch.fx.GraphModule:
     """Move every allowed weight (and new cross-origin connection) off its merge-time value."""
     g = torch.Generator().manual_seed(seed)
-    from pamfx.ir.neuron_layer import META_MASK
+    from pamfx.ir.meta import META_MASK
     from pamfx.passes.module_surgery import expand_mask
 
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Activations of neuron layers on calibration data (pamfx.analysis.activations, issue #3 item 1)."""
+"""Activations of neuron layers on calibration data (pamfx.analysis.activations)."""
 from __future__ import annotations
 
 import pytest

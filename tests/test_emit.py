@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pamfx
 from pamfx.analysis.layer_organisation import DENSE
-from pamfx.codegen.emit import META_FUSED, META_GROUP, ConstantChannels, fusion_report
+from pamfx.codegen.emit import ConstantChannels, fusion_report
+from pamfx.ir.meta import META_FUSED, META_GROUP
 from pamfx.codegen.fusion import FusionCostModel
 from tests.conftest import ARCHITECTURES, example_input, model_set, perturb
 

@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import pamfx
 from pamfx.codegen import export as export_module
@@ -180,3 +182,11 @@ def test_combination_files_are_safe_and_distinct():
     assert combination_files(TaskSpace(("A", "B")))[0b11] == "A+B.onnx"
     long = combination_files(TaskSpace(tuple(c * 50 for c in "abcdef")))
     assert len(set(long.values())) == 2**6 - 1 and max(map(len, long.values())) <= 200
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet="aAbB+_ .-/&é", min_size=1, max_size=4), min_size=1, max_size=4, unique=True))
+def test_no_two_combinations_share_a_file(names):
+    assume("&" not in "".join(names))
+    files = combination_files(TaskSpace(tuple(names)))
+    assert len({f.lower() for f in files.values()}) == len(files) == 2 ** len(names) - 1

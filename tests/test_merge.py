@@ -5,7 +5,7 @@ from torch import fx
 
 import pamfx
 from pamfx.analysis.multitask_view import read_multitask
-from pamfx.ir.neuron_layer import META_LAYER, META_MASK
+from pamfx.ir.meta import META_LAYER, META_MASK
 from pamfx.passes.module_surgery import expand_mask
 from tests.conftest import ARCHITECTURES, example_input, model_set, perturb
 

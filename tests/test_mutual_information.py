@@ -1,4 +1,4 @@
-"""The pairwise-distance MI estimator (pamfx.analysis.mutual_information, issue #3 item 2)."""
+"""The pairwise-distance MI estimator (pamfx.analysis.mutual_information)."""
 from __future__ import annotations
 
 import math
@@ -13,12 +13,12 @@ from scipy.special import logsumexp
 from pamfx.analysis.mutual_information import (
     estimate_mi,
     mi_bounds,
-    noise_drift_table,
     select_sigma2,
     as_feature_tensor,
     normalise_features,
 )
 from pamfx.errors import InputError
+from tools.mi_tables import noise_drift_table
 
 PLAIN = dict(sigma2=0.5, dim_exponent=0.0, leave_one_out=False, bias_correction=False)  # the paper's literal estimate
 
@@ -159,7 +159,7 @@ def test_degenerate_joint_labels_are_refused():
 
 
 def test_the_default_does_not_reward_label_independent_neurons():
-    """DESIGN §3: one weak neuron plus k noise neurons. The plain estimate drifts to H(Y) = 1 bit;
+    """docs/design.md §3: one weak neuron plus k noise neurons. The plain estimate drifts to H(Y) = 1 bit;
     the default (corrected leave-one-out, σ² ∝ √d) never rises above the neuron alone."""
     table = noise_drift_table(noise_counts=(0, 5, 10, 20))
     plain = table["plain, sigma2=0.5 (paper)"]

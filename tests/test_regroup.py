@@ -1,4 +1,4 @@
-"""Regrouping (Alg. 4, Alg. 5) against planted truth and a plain reference greedy (issue #3 items 3–4)."""
+"""Regrouping (Alg. 4, Alg. 5) against planted truth and a plain reference greedy."""
 from __future__ import annotations
 
 import json

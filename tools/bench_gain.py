@@ -71,7 +71,7 @@ def summary_table(results: dict[str, dict]) -> str:
             lines.append(f"{setting:18s} {'&'.join(combo['tasks'])[:24]:24s} {_pm(b1, 1e-6):>14s} {_pm(pam, 1e-6):>14s} "
                          f"{pam['mean'] / b1['mean']:7.2f}")
         gain = s["gain"]["baseline1"]
-        gaps = ", ".join(f"{t} {_pm(g, 100, 2)}" for t, g in s["test_accuracy_gap_pam_minus_baseline1"].items())
+        gaps = ", ".join(f"{t} {_pm(g, 100, 2)}" for t, g in s["test_accuracy_gap_pam_minus"]["baseline1"].items())
         lines.append(f"{setting:18s} gain over B1: average {_pm(gain['average'], digits=2)}x, peak "
                      f"{_pm(gain['peak'], digits=2)}x over {len(s['seeds'])} seeds; test accuracy PAM - B1 (points): {gaps}; "
                      f"{r.get('wall_seconds', float('nan')):.0f} s")

@@ -1,4 +1,4 @@
-"""Benchmark of the regrouping greedy (issue #3): one layer of 512 + 512 GAP neurons, N = 1000.
+"""Benchmark of the regrouping greedy: one layer of 512 + 512 GAP neurons, N = 1000.
 
 Run ``python tools/bench_regroup.py``. The layer is synthetic but shaped like the real thing: each
 neuron is the global average pool of a 4×4 ReLU map driven by the network's own 5 binary

@@ -1,4 +1,4 @@
-"""Neuron-layer activations of the K single-task networks on calibration data (Sec. 4.5.2, DESIGN §3).
+"""Neuron-layer activations of the K single-task networks on calibration data (Sec. 4.5.2, docs/design.md §3).
 
 For every neuron layer L_i and task t, the value of ``structures[t].output_node`` in
 ``graphs[t]`` — for a residual block the block output after the addition (Sec. 4.5.3) — is
@@ -21,17 +21,17 @@ DataLoader); pamfx never reads a split on its own. Networks run in eval mode und
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import fx
-from tqdm.auto import tqdm
 
-from pamfx.errors import InputError, MismatchError
+from pamfx.errors import InputError, MismatchError, check_type
+from pamfx.frontend import eval_mode
 from pamfx.ir.neuron_layer import LayerMap, NeuronLayer
 from pamfx.ir.task_set import TaskSpace
+from pamfx.progress import progress_bar
 
 ConvSummary = Literal["mean", "max", "map"]
 
@@ -119,18 +119,6 @@ def _summarise(value: torch.Tensor, conv_summary: ConvSummary) -> torch.Tensor:
     return flat
 
 
-@contextmanager
-def _eval_mode(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
-    saved = [(m, m.training) for root in modules for m in root.modules()]
-    try:
-        for root in modules:
-            root.eval()
-        yield
-    finally:
-        for module, training in saved:
-            module.train(training)
-
-
 def _device_of(module: torch.nn.Module) -> torch.device:
     for tensor in list(module.parameters()) + list(module.buffers()):
         return tensor.device
@@ -153,6 +141,7 @@ def collect_activations(
     on NaN/inf activations (naming layer, task and channel) and `MismatchError` when a node's
     channel count differs from the layer structure.
     """
+    check_type(layers, LayerMap, "layers")
     if conv_summary not in ("mean", "max", "map"):
         raise InputError(f"conv_summary must be 'mean', 'max' or 'map', got {conv_summary!r}")
     if batch_size < 1:
@@ -169,8 +158,9 @@ def collect_activations(
     collected: dict[tuple[str, str], list[torch.Tensor]] = {(l.name, t): [] for l in selected for t in tasks.names}
     batches, total = _batches(calibration_inputs, batch_size)
     num_samples = 0
-    with torch.no_grad(), _eval_mode(extractors.values()):
-        for batch in tqdm(batches, total=total, desc="activations", disable=not progress, leave=False):
+    with torch.no_grad(), eval_mode(*extractors.values()):
+        for i, batch in enumerate(progress_bar(batches, total=total, desc="activations", enabled=progress)):
+            _check_batch(i, batch, layers.example_input)
             num_samples += batch.shape[0]
             for task, extractor in extractors.items():
                 outputs = extractor(batch.to(_device_of(extractor)))
@@ -180,6 +170,15 @@ def collect_activations(
         raise InputError("calibration_inputs yielded no samples")
     features = {layer.name: _merge(layer, tasks, collected) for layer in selected}
     return LayerActivations(tasks, features, conv_summary, num_samples)
+
+
+def _check_batch(i: int, batch: torch.Tensor, example: torch.Tensor) -> None:
+    """Raise `InputError` unless calibration batch ``i`` holds samples shaped like the example input."""
+    if tuple(batch.shape[1:]) != tuple(example.shape[1:]) or batch.dtype != example.dtype:
+        raise InputError(
+            f"calibration batch {i} has samples of shape {tuple(batch.shape[1:])} ({batch.dtype}); the networks were "
+            f"organised on {tuple(example.shape[1:])} ({example.dtype})"
+        )
 
 
 def _merge(layer: NeuronLayer, tasks: TaskSpace, collected: Mapping[tuple[str, str], list[torch.Tensor]]) -> torch.Tensor:

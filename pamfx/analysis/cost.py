@@ -1,4 +1,4 @@
-"""Cost of a task combination: FLOPs, multiply-accumulates and parameters (DESIGN.md §7).
+"""Cost of a task combination: FLOPs, multiply-accumulates and parameters (docs/design.md §7).
 
 Convention (that of `torch.utils.flop_counter.FlopCounterMode`): ``flops = 2 × MACs`` of conv and
 linear ops (depthwise convs included), per input sample; bias additions, BatchNorm, activations,
@@ -22,7 +22,7 @@ from pamfx.analysis.layer_organisation import CHANNELWISE, DENSE, HEAD, NodeInfo
 from pamfx.analysis.multitask_view import MultitaskView, is_multitask, read_multitask
 from pamfx.errors import InputError
 from pamfx.frontend import trace
-from pamfx.ir.neuron_layer import META_MASK
+from pamfx.ir.meta import META_MASK
 from pamfx.ir.task_set import TaskSet, TaskSpace
 
 
@@ -47,19 +47,19 @@ def _kernel(module: nn.Module) -> int:
     return prod(module.kernel_size) if isinstance(module, nn.Conv2d) else 1
 
 
-def _module_nodes(gm: fx.GraphModule, view: MultitaskView) -> Iterator[tuple[fx.Node, NodeInfo, nn.Module, int]]:
+def _module_nodes(view: MultitaskView) -> Iterator[tuple[fx.Node, NodeInfo, nn.Module, int]]:
     """Every module call of a merged network with its role, module and output positions per sample."""
-    modules = Submodules(gm)
-    for node in gm.graph.nodes:
+    modules = Submodules(view.gm)
+    for node in view.gm.graph.nodes:
         info = view.layers.nodes.get(node.name)
         if info is not None and node.op == "call_module":
             yield node, info, modules[node.target], _per_sample_positions(node)[1]
 
 
-def _merged_cost(gm: fx.GraphModule, combo: TaskSet) -> Cost:
-    view = read_multitask(gm)
+def merged_cost(view: MultitaskView, combo: TaskSet) -> Cost:
+    """The cost of combination ``combo`` of the merged network that ``view`` reads."""
     macs = params = 0
-    for node, info, module, positions in _module_nodes(gm, view):
+    for node, info, module, positions in _module_nodes(view):
         if info.role == DENSE or (info.role == HEAD and combo & view.tasks.bit(info.task)):
             mask = node.meta[META_MASK]
             if info.role == DENSE:
@@ -117,11 +117,12 @@ def cost(
     plain nn.Module is traced with ``example_input``; GraphModules built by pamfx carry shapes.
     """
     if isinstance(module, fx.GraphModule) and is_multitask(module):
-        return _merged_cost(module, read_multitask(module).tasks.select(tasks))
+        view = read_multitask(module)
+        return merged_cost(view, view.tasks.select(tasks))
     if tasks is not None:
         raise InputError("tasks= applies to merged multitask networks only")
     if example_input is not None:
-        gm = trace(module, example_input)
+        gm = trace(module, example_input, single_task=False)
     elif isinstance(module, fx.GraphModule):
         gm = module
         _ensure_shapes(gm)
@@ -142,7 +143,7 @@ def channel_flops(gm: fx.GraphModule, tasks: Iterable[str] | str | TaskSet | Non
     combo = view.tasks.select(tasks)
     active = {name: torch.tensor([bool(t & combo) for t in rec.task_sets]) for name, rec in view.records.items()}
     out = {name: torch.zeros(rec.width, dtype=torch.float64) for name, rec in view.records.items()}
-    for node, info, module, positions in _module_nodes(gm, view):
+    for node, info, module, positions in _module_nodes(view):
         if info.role == HEAD and not combo & view.tasks.bit(info.task):
             continue
         if info.role in (DENSE, HEAD):
@@ -206,7 +207,7 @@ def cross_origin_flops(gm: fx.GraphModule, tasks: Iterable[str] | str | TaskSet 
     view = read_multitask(gm)
     combo = view.tasks.select(tasks)
     macs = 0
-    for node, info, module, positions in _module_nodes(gm, view):
+    for node, info, module, positions in _module_nodes(view):
         if info.role != DENSE or info.source is None:
             continue
         out_rec, in_rec = view.records[info.layer], view.records[info.source]

@@ -4,25 +4,25 @@ Structure (producers, consumers, shortcuts) is recovered from the graph by the l
 organisation; task sets and origins come from ``node.meta["pamfx_layer"]``; connection masks from
 ``node.meta["pamfx_mask"]``. Another fx pass may add channel-wise nodes (they inherit their
 layer's record) but a pass that leaves records or masks that contradict the graph or the
-connection rule makes this raise `IRError` instead of letting codegen silently go wrong.
+connection rule, or non-zero weights on masked connections, makes this raise `IRError` instead
+of letting codegen silently go wrong.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
-from torch import fx
+from torch import fx, nn
 
-from pamfx.analysis.layer_organisation import DENSE, HEAD, GraphLayers, organise_graph
-from pamfx.errors import PamfxError
+from pamfx.analysis.layer_organisation import DENSE, HEAD, GraphLayers, Submodules, organise_graph
+from pamfx.errors import IRError
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.grouping import Grouping
-from pamfx.ir.neuron_layer import META_HEAD, META_LAYER, META_MASK, META_TASKS, LayerTaskSets
+from pamfx.ir.meta import META_HEAD, META_LAYER, META_MASK, META_TASKS
+from pamfx.ir.neuron_layer import LayerTaskSets
 from pamfx.ir.task_set import TaskSet, TaskSpace, subset_matrix
-
-
-class IRError(PamfxError):
-    """A GraphModule carries no pamfx IR, or IR that contradicts its graph."""
+from pamfx.passes.module_surgery import expand_mask
 
 
 @dataclass
@@ -54,18 +54,25 @@ class MultitaskView:
         return subset_matrix(out_sets, self.records[source].task_sets)
 
 
-def is_multitask(gm: fx.GraphModule) -> bool:
-    return any(n.op == "output" and META_TASKS in n.meta for n in gm.graph.nodes)
+def is_multitask(gm: object) -> bool:
+    """Whether ``gm`` is a GraphModule carrying pamfx's multitask IR (a merged network)."""
+    return isinstance(gm, fx.GraphModule) and any(n.op == "output" and META_TASKS in n.meta for n in gm.graph.nodes)
 
 
 def read_multitask(gm: fx.GraphModule) -> MultitaskView:
-    """Recover and check the IR of a merged network (see module docstring)."""
+    """Recover and check the IR of a merged network (see module docstring); never writes to ``gm``.
+
+    When a pass after merge added nodes without shapes, the view is read from a shape-propagated
+    copy (``view.gm``), so ``gm`` itself stays as it was.
+    """
+    if not isinstance(gm, fx.GraphModule):
+        raise IRError(f"expected a merged network (an fx.GraphModule built by pamfx.merge), got {type(gm).__name__}")
     out = next((n for n in gm.graph.nodes if n.op == "output"), None)
     if out is None or META_TASKS not in out.meta:
         raise IRError("this GraphModule carries no pamfx IR (node.meta); build it with pamfx.merge")
     tasks: TaskSpace = out.meta[META_TASKS]
     if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op != "output"):
-        shape_propagate(gm, example_from_meta(gm))  # a pass after merge added nodes
+        gm = shape_propagate(copy.deepcopy(gm), example_from_meta(gm), "merged network")
     layers = organise_graph(gm, model_name="merged network")
     by_name = {n.name: n for n in gm.graph.nodes}
     records: dict[str, LayerTaskSets] = {}
@@ -76,10 +83,9 @@ def read_multitask(gm: fx.GraphModule) -> MultitaskView:
         record = found.pop()
         if record.width != layer.width:
             raise IRError(f"layer {layer.name!r}: record has {record.width} channels, the graph {layer.width}")
-        for n in layer.nodes:
-            by_name[n].meta[META_LAYER] = record
         records[layer.name] = record
     view = MultitaskView(gm, tasks, layers, records)
+    modules = Submodules(gm)
     for name, info in layers.nodes.items():
         node = by_name[name]
         if info.role == DENSE:
@@ -94,4 +100,22 @@ def read_multitask(gm: fx.GraphModule) -> MultitaskView:
         mask = node.meta.get(META_MASK)
         if mask is None or mask.shape[-1] != expected.shape[-1] or not bool((mask == expected).all()):
             raise IRError(f"node {name!r}: its connection mask is missing or breaks the rule τ_out ⊆ τ_in")
+        _check_masked_weights(node, modules[node.target], mask, layers.nodes[node.args[0].name].block)
     return view
+
+
+def _check_masked_weights(node: fx.Node, module: nn.Module, mask: torch.Tensor, block: int) -> None:
+    """Raise `IRError` if a connection that the mask forbids carries a non-zero weight."""
+    weight = module.weight.detach()
+    if mask.shape[0] != weight.shape[0] or weight.shape[1] != mask.shape[1] * block:
+        raise IRError(
+            f"node {node.name!r} ({node.target}): weight {tuple(weight.shape)} does not fit its connection mask "
+            f"{tuple(mask.shape)}"
+        )
+    forbidden = ~expand_mask(mask.expand(weight.shape[0], -1), weight, block)
+    leaked = int(torch.count_nonzero(weight[forbidden]))
+    if leaked:
+        raise IRError(
+            f"node {node.name!r} ({node.target}): {leaked} weights on masked connections are non-zero; a pass "
+            f"must keep forbidden connections (τ_out ⊄ τ_in) at exactly 0"
+        )

@@ -1,4 +1,4 @@
-"""Mutual information between a set of neurons and task labels (Sec. 4.5.2, DESIGN.md §3).
+"""Mutual information between a set of neurons and task labels (Sec. 4.5.2, docs/design.md §3).
 
 The estimator is the pairwise-distance estimate of Kolchinsky & Tracey (2017): every calibration
 sample i becomes a Gaussian component N(x_i, σ²·I) (the layer output with added noise T = L + ε),
@@ -17,50 +17,11 @@ feature or a globally pooled channel, P = H·W for a full conv map). Activations
 calibration set, constant neurons set to 0), so σ² is relative to a neuron's spread and means the
 same in every layer. A consequence: classes are resolved only relative to that spread.
 
-**The default, and why (measured).** Greedy regrouping grows sets neuron by neuron, so the estimate
-must not reward label-independent neurons. ``python -m pamfx.analysis.mutual_information``
-reprints these tables (N = 1000, binary y, bits). One weak neuron x = y + N(0, 1) plus k noise
-neurons:
-
-    ==============================================  =====  =====  =====  ======  ======
-    estimator                                        k=0    k=5   k=10    k=20    k=50
-    ==============================================  =====  =====  =====  ======  ======
-    plain, σ² = 0.5 (the paper's literal form)       0.18   0.36   0.93    1.00    1.00
-    leave-one-out, σ² = 0.5                          0.18   0.15   0.01   −0.62   −2.16
-    plain, σ² = 0.5·√d                               0.18   0.17   0.25    0.61    0.99
-    leave-one-out, σ² = 0.25·d                       0.19   0.12   0.09    0.05    0.03
-    leave-one-out, σ² = 0.5·√d                       0.18   0.13   0.11    0.08    0.06
-    **corrected leave-one-out, σ² = 0.5·√d**         0.18   0.13   0.12    0.09    0.07
-    ==============================================  =====  =====  =====  ======  ======
-
-Sets of m label-independent neurons — pure noise (its I, then the step when one informative neuron
-1.5·y + N(0, 1) joins), and clustered (each ±2 × one of 5 binary attributes independent of y, like
-the neurons of another task):
-
-    ====================================  ==================  ==================  ===================
-    estimator                             m = 8               m = 128             m = 512
-    ====================================  ==================  ==================  ==================
-    plain, σ² = 0.5                       0.59 +0.22 / 0.52   1.00 +0.00 / 1.00   1.00 +0.00 / 1.00
-    leave-one-out, σ² = 0.25·d            0.00 +0.17 / 0.00   0.00 +0.02 / 0.00   0.00 +0.005 / 0.005
-    leave-one-out, σ² = 0.5·√d            0.00 +0.21 / 0.00  −0.03 +0.08 /−0.04  −0.04 +0.05 /−0.07
-    **corrected leave-one-out, 0.5·√d**   0.00 +0.21 / 0.01  −0.01 +0.08 / 0.00  −0.02 +0.05 /−0.02
-    ====================================  ==================  ==================  ==================
-
-So the default (``leave_one_out=True, bias_correction=True, sigma2=0.5, dim_exponent=0.5``):
-
-- leaves each sample out of its own density estimate: the plain form's self term e^0 = 1 is a
-  memorisation bonus that takes any sharp enough kernel to H(Y);
-- scales σ² with √d: with independent unit-variance dimensions D_ij = 2d ± O(√d), the common 2d
-  cancels between the two density estimates, so h ∝ √d keeps the kernel's selectivity constant as
-  d grows (a fixed σ² sharpens it without bound; σ² ∝ d flattens it, and an informative neuron's
-  step then shrinks as 1/d — 0.005 bits among 512 neurons, against 0.05 bits with √d);
-- corrects the second-order bias of the logs of the kernel sums (`kernel_mi_nats`), which makes
-  leave-one-out negative on clustered or high-dimensional sets.
-
-It never rewards label-independent neurons (the weak neuron's 0.18 bits fall slowly as noise
-neurons dilute it, never rise) and stays within ±0.02 bits of 0 on label-independent sets up to
-512 neurons. ``sigma2="loo-likelihood"`` picks σ² per call instead, by maximising the
-leave-one-out log-likelihood of the kernel density of T over a log grid.
+**The default** (``leave_one_out=True, bias_correction=True, sigma2=0.5, dim_exponent=0.5``) leaves
+each sample out of its own density estimate, scales σ² with √d and corrects the second-order bias
+of the logs of the kernel sums, so that greedy regrouping, which grows sets neuron by neuron, is
+never rewarded for label-independent neurons. Why, with the measured tables that motivate each
+choice: docs/mutual_information.md (reprinted by ``python tools/mi_tables.py``).
 
 **Bounds.** Leave-one-out, σ² scaling and the correction make an *estimate*, not a bound. The
 rigorous Kolchinsky–Tracey bracket of I(T; Y) for the noisy empirical mixture is `mi_bounds`:
@@ -215,7 +176,10 @@ def as_feature_tensor(features: torch.Tensor | np.ndarray, name: str = "features
 
     [N, C, H, W] conv maps become [N, C, H·W]. Raises `InputError` on NaN/inf, naming the neuron.
     """
-    tensor = torch.as_tensor(features)
+    try:
+        tensor = torch.as_tensor(features)
+    except (TypeError, RuntimeError, ValueError) as exc:
+        raise InputError(f"{name} must be an array or tensor, got {type(features).__name__} ({exc})") from exc
     if tensor.ndim < 2:
         raise InputError(f"{name} must be [N, C] or [N, C, ...], got shape {list(tensor.shape)}")
     if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64, torch.bool)):
@@ -232,7 +196,7 @@ def as_feature_tensor(features: torch.Tensor | np.ndarray, name: str = "features
 
 
 def normalise_features(features: torch.Tensor, mode: Normalisation = "neuron") -> torch.Tensor:
-    """Normalise [N, C, P] features so that σ² is relative (DESIGN §3).
+    """Normalise [N, C, P] features so that σ² is relative (docs/design.md §3).
 
     ``neuron``: centre each neuron and scale it to unit variance over samples and positions
     (a constant neuron becomes 0); ``layer``: centre each neuron and divide the whole layer by the
@@ -470,67 +434,3 @@ def mi_bounds(
         upper += h_kl - cond_bd
         lower += h_bd - cond_kl
     return MIBounds(to_unit(lower, unit), to_unit(upper, unit), unit)
-
-
-_PLAIN = dict(leave_one_out=False, bias_correction=False)
-_DRIFT_VARIANTS = {
-    "plain, sigma2=0.5 (paper)": dict(sigma2=0.5, dim_exponent=0.0, **_PLAIN),
-    "leave-one-out, sigma2=0.5": dict(sigma2=0.5, dim_exponent=0.0, bias_correction=False),
-    "plain, sigma2=0.5*sqrt(d)": dict(sigma2=0.5, dim_exponent=0.5, **_PLAIN),
-    "leave-one-out, sigma2=0.25*d": dict(sigma2=0.25, dim_exponent=1.0, bias_correction=False),
-    "leave-one-out, sigma2=0.5*sqrt(d)": dict(sigma2=0.5, dim_exponent=0.5, bias_correction=False),
-    "corrected leave-one-out, 0.5*sqrt(d) (default)": dict(sigma2=0.5, dim_exponent=0.5),
-}
-
-
-def noise_drift_table(
-    noise_counts: Sequence[int] = (0, 5, 10, 20, 50), num_samples: int = 1000, seed: int = 0
-) -> dict[str, list[float]]:
-    """I (bits) of one weak neuron (x = y + N(0, 1), binary y) plus k pure-noise neurons, per estimator."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, num_samples)
-    signal = (y + rng.standard_normal(num_samples))[:, None]
-    noise = rng.standard_normal((num_samples, max(noise_counts)))
-    return {
-        name: [estimate_mi(np.hstack([signal, noise[:, :k]]), y, **options) for k in noise_counts]  # type: ignore[arg-type]
-        for name, options in _DRIFT_VARIANTS.items()
-    }
-
-
-def neutral_set_table(
-    set_sizes: Sequence[int] = (8, 32, 128, 512), num_samples: int = 1000, seed: int = 0
-) -> dict[str, list[tuple[float, float, float]]]:
-    """Per estimator and set size m, in bits, with a binary label y:
-
-    - I of m pure-noise neurons (the floor a greedy starts from),
-    - its increase when one informative neuron x = 1.5·y + N(0, 1) joins (the step it must see),
-    - I of m label-independent but clustered neurons (each ±2 × one of 5 binary attributes that are
-      independent of y, plus noise — like neurons of another task).
-    """
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, num_samples)
-    informative = (1.5 * y + rng.standard_normal(num_samples))[:, None]
-    noise = rng.standard_normal((num_samples, max(set_sizes)))
-    other = rng.integers(0, 2, (num_samples, 5))
-    picks = rng.integers(0, 5, max(set_sizes))
-    signs = rng.choice([-2.0, 2.0], max(set_sizes))
-    clustered = signs * (other[:, picks] - 0.5) + rng.standard_normal((num_samples, max(set_sizes)))
-    table = {}
-    for name, options in _DRIFT_VARIANTS.items():
-        rows = []
-        for m in set_sizes:
-            floor = estimate_mi(noise[:, :m], y, **options)  # type: ignore[arg-type]
-            step = estimate_mi(np.hstack([noise[:, :m], informative]), y, **options) - floor  # type: ignore[arg-type]
-            rows.append((floor, step, estimate_mi(clustered[:, :m], y, **options)))  # type: ignore[arg-type]
-        table[name] = rows
-    return table
-
-
-if __name__ == "__main__":
-    print("one weak neuron + k noise neurons, k = 0, 5, 10, 20, 50 (bits)")
-    for row_name, values in noise_drift_table().items():
-        print(f"  {row_name:48s}", "  ".join(f"{v:6.3f}" for v in values))
-    print("m = 8, 32, 128, 512: I(m noise neurons), its step when an informative neuron joins, I(m clustered")
-    print("label-independent neurons) (bits)")
-    for row_name, rows in neutral_set_table().items():
-        print(f"  {row_name:48s}", " | ".join(f"{a:6.3f} {b:+6.3f} {c:6.3f}" for a, b, c in rows))

@@ -11,20 +11,18 @@ pseudocode would drop it from every group); the neurons picked by exactly one τ
 remains after the last level is shared by every task.
 
 I is the default estimate of `pamfx.analysis.mutual_information` (bias-corrected leave-one-out,
-σ² = 0.5·√d; the reasons and measurements are there). α is absolute (bits) or, by default, relative
-to I(L_i; Y^{∉τ}) of the whole layer, global or per layer. The greedy order does not depend on α,
-so one run up to α_max yields the grouping for every α ≤ α_max (`RegroupResult.grouping_at`) and
+σ² = 0.5·√d; the reasons are there, the measurements in docs/mutual_information.md). α is
+absolute (bits) or, by default, relative to I(L_i; Y^{∉τ}) of the whole layer, global or per
+layer. The greedy order does not depend on α, so one run up to α_max yields the grouping for every α ≤ α_max (`RegroupResult.grouping_at`) and
 the I-versus-iteration trace (Fig. 4.7). With the full Algorithm 5 and K ≥ 3 the pool of level
 n ≥ 2 depends on α (it is what level n−1 left), so those greedies are rerun per distinct pool;
 level 1 is shared by all α.
 
-On wide layers the first phase of a greedy (label-independent neurons, Fig. 4.7) dips below 0: the
-argmin over hundreds of noisy candidates picks the most negative fluctuations, step after step
-(synthetic 512 + 512-neuron layer, N = 1000, 5 attributes: about −0.3 bits after 100 steps, back
-at 0 after ~300). The greedy then keeps going until the misplaced information has paid the dip
-back, so on such layers α is best read off the trace (`RegroupResult.plot_trace`).
+On wide layers the first phase of a greedy (label-independent neurons, Fig. 4.7) can dip below 0,
+and the greedy then runs until the misplaced information is paid back; there α is best read off
+the trace (`RegroupResult.plot_trace`). Measurements: docs/regroup.md.
 
-Speed (issue #3). The squared distances are additive over neurons, D(S ∪ {j}) = D(S) + D({j}): a
+Speed. The squared distances are additive over neurons, D(S ∪ {j}) = D(S) + D({j}): a
 greedy keeps one running matrix D(L'τ) and scores a chunk of candidates at once as
 exp(−(D(L'τ) + D_j)/h) — D_j from a batched rank-(P+2) product; the class-conditional and marginal
 sums (and those of the squared kernel, for the bias correction) from matrix products with the
@@ -34,9 +32,7 @@ Scores are re-used lazily: between full re-scorings (every ``refresh_every`` ste
 candidates whose last increment, rescaled by the kernel-width ratio, could still beat the best
 fresh one are re-scored (CELF-style); ``refresh_every=1`` scores every candidate at every step (the
 exact greedy, which the tests compare with a from-scratch reference). Lazy scoring may reorder
-near-ties among label-independent neurons — measured on a 384-neuron layer, N = 500: 3.9 % of the
-exact greedy's scorings, sets up to 18 neurons apart mid-way through the first phase, then equal
-(±1) from the end of that phase to the knee where α sits; identical groupings on the planted tests.
+near-ties among label-independent neurons (measured in docs/regroup.md).
 Ties are broken by the lower channel index: there is no randomness anywhere.
 """
 from __future__ import annotations
@@ -48,7 +44,6 @@ from typing import Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pamfx.analysis.activations import ConvSummary, LayerActivations, collect_activations
 from pamfx.analysis.alpha_trace import GreedyTrace, RegroupTrace, plot_trace
@@ -62,10 +57,11 @@ from pamfx.analysis.mutual_information import (
     pairwise_sq_distances,
     to_unit,
 )
-from pamfx.errors import InputError
+from pamfx.errors import InputError, check_type
 from pamfx.ir.grouping import Grouping
 from pamfx.ir.neuron_layer import LayerMap
 from pamfx.ir.task_set import TaskSet, TaskSpace, popcount
+from pamfx.progress import progress_bar
 
 Variant = Literal["full", "simplified"]
 AlphaSpec = float | Mapping[str, float]
@@ -235,7 +231,7 @@ def greedy_order(
     last_increment = np.zeros(max(remaining, default=-1) + 1)
     last_width = np.ones_like(last_increment)
     last_step = np.full(last_increment.shape, -(10**9), dtype=np.int64)
-    bar = tqdm(total=len(remaining), desc=description, disable=not progress, leave=False)
+    bar = progress_bar(total=len(remaining), desc=description, enabled=progress)
     step = 0
     while remaining:
         width = kernel.estimator.kernel_width(kernel.sigma2, kernel.dims + kernel.per_neuron)
@@ -563,6 +559,7 @@ def regroup(
     (defaults explained in `pamfx.analysis.mutual_information`). dtype: the precision of the
     candidate scores (float64 is ~2× slower). refresh_every: lazy re-scoring period (1 = exact).
     """
+    check_type(layers, LayerMap, "layers")
     _task_space(layers.tasks)
     if len(layers) == 0:
         raise InputError("layers has no neuron layer to regroup")

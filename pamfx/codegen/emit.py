@@ -1,4 +1,4 @@
-"""Emit: the standalone module of one task combination S (DESIGN.md §6).
+"""Emit: the standalone module of one task combination S (docs/design.md §6).
 
 The emitted GraphModule holds only the active channels (τ ∩ S ≠ ∅) of every neuron layer, as one
 tensor per active group τ, and computes each output group from exactly its allowed input groups
@@ -26,7 +26,6 @@ weights are zero in a merged network (merge and fine-tuning keep them so), so th
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from math import prod
 from typing import Any, Iterable
@@ -37,16 +36,13 @@ from torch import fx, nn
 from pamfx.analysis.layer_organisation import ADD, DENSE, FLATTEN, HEAD, META, SHORTCUT, NodeInfo, Submodules
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
 from pamfx.codegen.fusion import FusionCostModel
-from pamfx.errors import InputError
+from pamfx.errors import InputError, check_type
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
-from pamfx.ir.neuron_layer import META_MASK
+from pamfx.ir.meta import META_DECLINED, META_FUSED, META_GROUP, META_MASK
 from pamfx.ir.task_set import TaskSet, is_subset
 from pamfx.passes.module_surgery import attr_name, channel_tensors, rebuild
 
-META_GROUP = "pamfx_group"
-META_FUSED = "pamfx_fused"
-META_DECLINED = "pamfx_fusion_declined"
 FUSE_MODES = ("never", "always", "auto")
 
 
@@ -173,7 +169,7 @@ class _Emitter:
 
     def copy_plain(self, node: fx.Node) -> fx.Node:
         if node.op == "call_module":
-            self.attrs[attr_name(node.target)] = copy.deepcopy(self.modules[node.target])
+            self.attrs[attr_name(node.target)] = rebuild(self.modules[node.target])
             return self.graph.call_module(attr_name(node.target), self.plain(node.args), self.plain(node.kwargs))
         return self.graph.node_copy(node, lambda n: self.env[n.name])
 
@@ -211,7 +207,7 @@ class _Emitter:
                 sel = self.contiguous(idx)
                 module = rebuild(module, share=self.share, **{k: self.tensor(v, sel) for k, v in tensors.items()})
             else:
-                module = copy.deepcopy(module)  # its own training flag: emit never touches the merged network
+                module = rebuild(module)  # its own copy, without hooks: emit never touches the merged network
             name = self.add_module(f"{node.target}.{self.label(task_set)}", module)
             return self.graph.call_module(name, fx.map_arg(node.args, arg_map), fx.map_arg(node.kwargs, arg_map))
         return self.graph.create_node(node.op, node.target, fx.map_arg(node.args, arg_map), fx.map_arg(node.kwargs, arg_map))
@@ -386,15 +382,27 @@ def emit(
     call), ``"auto"`` (fused where `FusionCostModel.calibrate(batch)` predicts it faster), or a
     `FusionCostModel` to decide with. ``batch``: the input batch size those predictions assume.
     """
+    return emit_view(read_multitask(merged), tasks, share_weights=share_weights, fuse=fuse, batch=batch)
+
+
+def emit_view(
+    view: MultitaskView,
+    tasks: Iterable[str] | str | TaskSet,
+    *,
+    share_weights: bool = False,
+    fuse: str | FusionCostModel = "never",
+    batch: int = 1,
+) -> fx.GraphModule:
+    """`emit` from an IR view already read (`read_multitask`), so a caller emitting many
+    combinations reads and checks the IR once."""
     if not (isinstance(fuse, FusionCostModel) or fuse in FUSE_MODES):
         raise InputError(f"fuse={fuse!r}: expected one of {FUSE_MODES} or a FusionCostModel")
-    if batch < 1:
-        raise InputError(f"batch={batch}: expected a positive batch size")
-    view = read_multitask(merged)
+    if not isinstance(batch, int) or batch < 1:
+        raise InputError(f"batch={batch!r}: expected a positive batch size")
     combo = view.tasks.select(tasks)
     gm = _Emitter(view, combo, share_weights, fuse, batch).run()
-    shape_propagate(gm, example_from_meta(merged))
-    gm.train(merged.training)
+    shape_propagate(gm, example_from_meta(view.gm), f"emitted module {view.tasks.label(combo)!r}")
+    gm.training = view.gm.training
     return gm
 
 
@@ -406,6 +414,7 @@ def fusion_report(emitted: fx.GraphModule, *, declined: bool = False) -> list[di
     considered and declined (by the cost model, or because shared weights are not contiguous),
     with ``"fused": False``.
     """
+    check_type(emitted, fx.GraphModule, "fusion_report: emitted")
     keys = (META_FUSED, META_DECLINED) if declined else (META_FUSED,)
     return [
         {"node": node.name, "fused": key == META_FUSED, **node.meta[key]}

@@ -1,4 +1,4 @@
-"""ONNX export of emitted modules, simplified with onnxsim and checked with onnxruntime (DESIGN.md §6).
+"""ONNX export of emitted modules, simplified with onnxsim and checked with onnxruntime (docs/design.md §6).
 
 `export_onnx` writes one module: its input is named after the module's placeholder and has a
 dynamic batch axis ``"batch"``; a ``{task: tensor}`` output becomes one named ONNX output per task,
@@ -35,13 +35,14 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 from torch import fx, nn
-from tqdm.auto import tqdm
 
-from pamfx.analysis.cost import cost
+from pamfx.analysis.cost import merged_cost
 from pamfx.analysis.multitask_view import read_multitask
-from pamfx.codegen.emit import emit
-from pamfx.errors import InputError, PamfxError
+from pamfx.codegen.emit import emit_view
+from pamfx.errors import ExportError, InputError, check_type
+from pamfx.frontend import eval_mode
 from pamfx.ir.task_set import TaskSet, TaskSpace
+from pamfx.progress import progress_bar
 
 Exporter = Literal["auto", "torchscript", "dynamo"]
 EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
@@ -49,25 +50,11 @@ BATCH_AXIS = "batch"
 INDEX_FILE = "index.json"
 
 
-class ExportError(PamfxError):
-    """An ONNX export failed, or its model disagrees with the module on the example input."""
-
-
 def _require(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as exc:
         raise ExportError(f"ONNX export needs the {name!r} package: pip install 'pamfx[export]'") from exc
-
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 @contextmanager
@@ -203,7 +190,7 @@ def _onnx_bytes(
             _require(dependency)
     failures: list[str] = []
     last: Exception | None = None
-    with _eval_mode(module):
+    with eval_mode(module):
         outputs = list(_outputs(module, x))
         input_name = input_name or _input_name(module, outputs)
         for name in EXPORTERS if exporter == "auto" else (exporter,):
@@ -276,6 +263,7 @@ def export_onnx(
     on a batch one larger) and raises `ExportError` where an output differs from the module's by
     more than ``tolerance`` (absolute and relative). On any failure no file is left behind.
     """
+    check_type(module, nn.Module, "export_onnx: module")
     target = _target(path)
     data = _onnx_bytes(module, example_input, simplify=simplify, check=check, exporter=exporter, tolerance=tolerance)
     with _AtomicFiles() as files:
@@ -286,13 +274,19 @@ def export_onnx(
 def combination_files(tasks: TaskSpace) -> dict[TaskSet, str]:
     """A safe, distinct file name for every task combination, e.g. ``A&B`` → ``A+B.onnx``.
 
-    Characters other than letters, digits, ``_``, ``-`` and ``.`` become ``_``; where two task names
-    would then coincide (case-insensitively) every name is prefixed with its task index; a name
-    too long for a file system becomes ``combination_<bitmask>.onnx``.
+    Characters other than letters, digits, ``_``, ``-`` and ``.`` become ``_``; a name too long for
+    a file system becomes ``combination_<bitmask>.onnx``. Where two names would then coincide
+    (case-insensitively, as on some file systems) every task's part is prefixed with its index,
+    which makes them distinct: no combination's file can overwrite another's.
     """
     stems = [re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")[:40] or "task" for name in tasks]
-    if len({s.lower() for s in stems}) < len(stems):
-        stems = [f"{i}_{s}" for i, s in enumerate(stems)]
+    files = _files(tasks, stems)
+    if len({f.lower() for f in files.values()}) < len(files):
+        files = _files(tasks, [f"{i}_{s}" for i, s in enumerate(stems)])
+    return files
+
+
+def _files(tasks: TaskSpace, stems: list[str]) -> dict[TaskSet, str]:
     files = {}
     for combo in tasks.combinations():
         name = "+".join(s for i, s in enumerate(stems) if combo >> i & 1) + ".onnx"
@@ -318,7 +312,10 @@ def export_all(
     parameters from `pamfx.cost`. Returns the index. Files appear only once every combination has
     been exported (and checked); ``index.json`` is renamed into place last.
     """
-    tasks = read_multitask(merged).tasks
+    if not isinstance(example_input, torch.Tensor):
+        raise InputError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    view = read_multitask(merged)
+    tasks = view.tasks
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory")
@@ -328,9 +325,9 @@ def export_all(
     options = dict(simplify=simplify, check=check, exporter=exporter, tolerance=tolerance, input_name=input_name)
     combinations: dict[str, Any] = {}
     with _AtomicFiles() as staged:
-        for combo in tqdm(tasks.combinations(), desc="ONNX export", unit="combination", disable=not progress):
-            staged.write(out / files[combo], _onnx_bytes(emit(merged, combo), example_input, **options))
-            c = cost(merged, combo)
+        for combo in progress_bar(tasks.combinations(), desc="ONNX export", unit="combination", enabled=progress, leave=True):
+            staged.write(out / files[combo], _onnx_bytes(emit_view(view, combo), example_input, **options))
+            c = merged_cost(view, combo)
             combinations[tasks.label(combo)] = {
                 "tasks": tasks.ordered_names(combo), "file": files[combo], "flops": c.flops, "macs": c.macs, "params": c.params,
             }

@@ -1,4 +1,4 @@
-"""When to fuse a dense op's per-group calls into one masked dense call (DESIGN.md §6).
+"""When to fuse a dense op's per-group calls into one masked dense call (docs/design.md §6).
 
 An emitted dense op normally makes one conv / linear call per active output group, so it
 multiplies no masked zero. Fused, it makes one call over all active rows and columns of the

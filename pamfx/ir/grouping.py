@@ -1,4 +1,4 @@
-"""Groupings: a task set τ(c) for every merged channel c of every hidden neuron layer (DESIGN.md §2)."""
+"""Groupings: a task set τ(c) for every merged channel c of every hidden neuron layer (docs/design.md §2)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,7 +6,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from pamfx.errors import GroupingError
+from pamfx.errors import GroupingError, check_type
 from pamfx.ir.neuron_layer import LayerMap
 from pamfx.ir.task_set import TaskSet, TaskSpace, popcount
 
@@ -27,16 +27,19 @@ class Grouping:
     @classmethod
     def origin(cls, layers: LayerMap) -> "Grouping":
         """τ(c) = {origin task of c}: no sharing; the merged network computes the K originals."""
+        check_type(layers, LayerMap, "layers")
         return cls(layers.tasks, {l.name: [layers.tasks.bit(t) for t, _ in l.origins] for l in layers})
 
     @classmethod
     def shared(cls, layers: LayerMap) -> "Grouping":
         """τ(c) = all tasks for every channel."""
+        check_type(layers, LayerMap, "layers")
         return cls(layers.tasks, {l.name: [layers.tasks.all] * l.width for l in layers})
 
     @classmethod
     def random(cls, layers: LayerMap, seed: int = 0) -> "Grouping":
         """A uniformly random non-empty task set for every channel (for testing the connection rule)."""
+        check_type(layers, LayerMap, "layers")
         rng = np.random.default_rng(seed)
         return cls(
             layers.tasks,
@@ -48,6 +51,8 @@ class Grouping:
         cls, layers: LayerMap, mapping: Mapping[str, Sequence[Iterable[str] | str | int]]
     ) -> "Grouping":
         """From ``{layer_name: [task set of channel 0, ...]}``; a task set is names or a bitmask."""
+        check_type(layers, LayerMap, "layers")
+        check_type(mapping, Mapping, "mapping")
         sets = {}
         for name, per_channel in mapping.items():
             sets[name] = [t if isinstance(t, (int, np.integer)) else layers.tasks.to_set(t) for t in per_channel]

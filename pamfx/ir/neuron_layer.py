@@ -1,4 +1,4 @@
-"""Neuron layers and the layer map that matches them across the K networks (DESIGN.md §2).
+"""Neuron layers and the layer map that matches them across the K networks (docs/design.md §2).
 
 Pure data: the algorithm that fills these in is `pamfx.analysis.layer_organisation`.
 """
@@ -11,6 +11,7 @@ import torch
 from torch import fx
 
 from pamfx.errors import InputError
+from pamfx.ir.meta import META_DEPTHWISE, META_HEAD, META_LAYER, META_MASK, META_TASKS  # noqa: F401  (re-exported)
 from pamfx.ir.task_set import TaskSpace
 
 
@@ -132,9 +133,3 @@ class LayerTaskSets:
         """The record of the same layer keeping only channels ``keep`` (in that order)."""
         return LayerTaskSets(self.name, tuple(self.task_sets[c] for c in keep), tuple(self.origins[c] for c in keep))
 
-
-META_LAYER = "pamfx_layer"
-META_MASK = "pamfx_mask"
-META_HEAD = "pamfx_head"
-META_TASKS = "pamfx_tasks"
-META_DEPTHWISE = "pamfx_depthwise"

@@ -1,15 +1,17 @@
-"""Task sets: non-empty subsets of the K named tasks, stored as integer bitmasks (DESIGN.md §2)."""
+"""Task sets: non-empty subsets of the K named tasks, stored as integer bitmasks (docs/design.md §2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from pamfx.errors import InputError
 
 TaskSet = int
+SEPARATOR = "&"  # joins task names in a task set's label, e.g. ``A&B``
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,11 @@ class TaskSpace:
             raise InputError(f"task names must be unique, got {list(self.names)}")
         if any(not isinstance(n, str) or not n for n in self.names):
             raise InputError(f"task names must be non-empty strings, got {list(self.names)}")
+        if any(SEPARATOR in n for n in self.names):
+            raise InputError(
+                f"task names must not contain {SEPARATOR!r}, which joins the names of a task set "
+                f"(a task 'A{SEPARATOR}B' would read as the set {{A, B}}); got {list(self.names)}"
+            )
 
     @property
     def k(self) -> int:
@@ -56,13 +63,18 @@ class TaskSpace:
 
     def label(self, task_set: TaskSet) -> str:
         """A readable name for a task set, e.g. ``A&B``."""
-        return "&".join(self.ordered_names(task_set))
+        return SEPARATOR.join(self.ordered_names(task_set))
 
     def select(self, selection: "Iterable[str] | str | TaskSet | None") -> TaskSet:
         """A task combination from names, one name, a bitmask, or None (all tasks); never empty."""
         if selection is None:
             return self.all
-        combo = int(selection) if isinstance(selection, int) else self.to_set(selection)
+        if isinstance(selection, (int, np.integer)):
+            combo = int(selection)
+        elif isinstance(selection, (str, Iterable)):
+            combo = self.to_set(selection)
+        else:
+            raise InputError(f"a task combination is task names, one name or a bitmask, got {type(selection).__name__}")
         if combo <= 0 or combo > self.all:
             raise InputError(f"task combination must be a non-empty subset of {list(self.names)}, got {selection!r}")
         return combo

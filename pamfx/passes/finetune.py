@@ -13,14 +13,14 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from tqdm.auto import tqdm
 
 from pamfx.analysis.layer_organisation import DENSE, HEAD, Submodules
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.errors import InputError
-from pamfx.ir.neuron_layer import META_MASK
+from pamfx.ir.meta import META_MASK
 from pamfx.ir.task_set import popcount
 from pamfx.passes.module_surgery import expand_mask
+from pamfx.progress import progress_bar
 
 TaskLoss = Callable[[Mapping[str, torch.Tensor], torch.Tensor], Mapping[str, torch.Tensor]]
 
@@ -136,7 +136,7 @@ def finetune(
         run.train()
         for epoch in range(max(epochs, 1)):
             total, batches = 0.0, 0
-            for x, y in tqdm(loader, desc=f"fine-tune {epoch + 1}/{epochs}", disable=not progress, leave=False):
+            for x, y in progress_bar(loader, desc=f"fine-tune {epoch + 1}/{epochs}", enabled=progress):
                 losses = loss_fn(run(x), y)
                 if alternate:
                     names = sorted(losses)

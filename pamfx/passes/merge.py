@@ -25,20 +25,12 @@ from pamfx.analysis.layer_organisation import (
     organise_graph,
     organise_layers,
 )
-from pamfx.errors import GroupingError, InputError, MismatchError, UnsupportedOpError
+from pamfx.errors import GroupingError, InputError, MismatchError, UnsupportedOpError, check_type
 from pamfx.frontend import shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
 from pamfx.ir.grouping import Grouping
-from pamfx.ir.neuron_layer import (
-    META_DEPTHWISE,
-    META_HEAD,
-    META_LAYER,
-    META_MASK,
-    META_TASKS,
-    LayerMap,
-    LayerTaskSets,
-    NeuronLayer,
-)
+from pamfx.ir.meta import META_DEPTHWISE, META_HEAD, META_LAYER, META_MASK, META_TASKS
+from pamfx.ir.neuron_layer import LayerMap, LayerTaskSets, NeuronLayer
 from pamfx.ir.task_set import is_subset, subset_matrix
 from pamfx.passes.module_surgery import attr_name, channel_tensors, expand_mask, rebuild
 
@@ -160,7 +152,7 @@ class _Merger:
                 f"{self.first}: {tnode.name!r} has parameters but acts on the shared input; it cannot be merged"
             )
         merged = {name: torch.cat([getattr(m, name).detach() for m in mods]) for name in tensors}
-        self.modules[tnode.target] = rebuild(mods[0], **merged) if merged else mods[0]
+        self.modules[tnode.target] = rebuild(mods[0], **merged)
         node = self.copy_node(tnode, self.trunk)
         if isinstance(mods[0], nn.Conv2d):
             node.meta[META_DEPTHWISE] = True  # stays depthwise even when pruned to one channel
@@ -205,6 +197,8 @@ class _Merger:
                 module = self.head_module(module, t, info, self.infos[self.first][tnode.args[0].name].block)
             elif channel_tensors(module):
                 raise UnsupportedOpError(f"{t}: parametric op {tnode.name!r} after the head is not supported")
+            else:
+                module = rebuild(module)
             self.modules[target] = module
             env[tnode.name] = self.copy_node(tnode, arg_map, target=target, name=name)
             if info.role == HEAD:
@@ -230,6 +224,54 @@ class _Merger:
         out.meta[META_TASKS] = self.tasks
 
 
+def _named_tensors(model: object) -> dict[str, torch.Tensor]:
+    """A model's parameters and buffers by qualified name (an ExportedProgram's state dict)."""
+    state = model.state_dict() if isinstance(model, nn.Module) else getattr(model, "state_dict", {})
+    return dict(state)
+
+
+def check_layers_belong(layers: LayerMap, models: Mapping[str, nn.Module], example_input: torch.Tensor) -> None:
+    """Raise `InputError` unless ``layers`` was organised from ``models`` as they are now.
+
+    The layer map holds pamfx's private copies of the networks; they must still equal the given
+    ones: same tasks, same module types and every parameter and buffer equal, and an example
+    input of the same per-sample shape and dtype.
+    """
+    check_type(layers, LayerMap, "layers (the result of pamfx.organise_layers)")
+    if list(layers.tasks) != list(models):
+        raise InputError(f"layers are over tasks {list(layers.tasks)}, models over {list(models)}")
+    ref = layers.example_input
+    if tuple(ref.shape[1:]) != tuple(example_input.shape[1:]) or ref.dtype != example_input.dtype:
+        raise InputError(
+            f"layers were organised on inputs of shape {tuple(ref.shape[1:])} ({ref.dtype}) per sample, "
+            f"example_input has {tuple(example_input.shape[1:])} ({example_input.dtype})"
+        )
+    for task, model in models.items():
+        graph = layers.graphs[task]
+        given = _named_tensors(model)
+        for name, tensor in graph.state_dict().items():
+            other = given.get(name)
+            if other is None or other.shape != tensor.shape or not torch.equal(other.detach(), tensor):
+                raise InputError(
+                    f"layers were not organised from model {task!r} as it is now (its {name!r} differs or is "
+                    f"missing); call pamfx.organise_layers on these models"
+                )
+        if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule):
+            for node in graph.graph.nodes:
+                if node.op == "call_module" and not _same_type(model, node.target, graph):
+                    raise InputError(
+                        f"layers were not organised from model {task!r}: its submodule {node.target!r} "
+                        f"is not a {type(graph.get_submodule(node.target)).__name__}"
+                    )
+
+
+def _same_type(model: nn.Module, target: str, graph: fx.GraphModule) -> bool:
+    try:
+        return type(model.get_submodule(target)) is type(graph.get_submodule(target))
+    except AttributeError:
+        return False
+
+
 def merge(
     models: Mapping[str, nn.Module],
     example_input: torch.Tensor,
@@ -240,16 +282,24 @@ def merge(
     """Merge K single-task networks into one multitask GraphModule under ``grouping``.
 
     ``grouping`` is a `Grouping` over the layers of ``organise_layers(models, example_input)``
-    (pass that map as ``layers`` to skip re-organising) or ``"origin"`` / ``"shared"``.
+    (pass that map as ``layers`` to skip re-organising; it is checked to come from ``models``)
+    or ``"origin"`` / ``"shared"``. The result shares no module, parameter or buffer with
+    ``models``; its modules keep the training flags of the modules they were made from.
     """
+    check_type(models, Mapping, "models ({task_name: model})")
+    check_type(example_input, torch.Tensor, "example_input")
     if layers is None:
         layers = organise_layers(models, example_input)
-    elif set(layers.tasks) != set(models):
-        raise InputError(f"layers are over tasks {list(layers.tasks)}, models over {list(models)}")
+    else:
+        check_layers_belong(layers, models, example_input)
     grouping = resolve_grouping(grouping, layers)
+    return _build(layers, grouping, example_input)
+
+
+def _build(layers: LayerMap, grouping: Grouping, example_input: torch.Tensor) -> fx.GraphModule:
     gm = _Merger(layers, grouping).build()
-    shape_propagate(gm, example_input)
-    gm.train(next(iter(models.values())).training)
+    shape_propagate(gm, example_input, "merged network")
+    gm.training = layers.graphs[layers.tasks.names[0]].training
     return gm
 
 
@@ -259,7 +309,4 @@ def as_multitask(model: nn.Module, example_input: torch.Tensor, task: str) -> fx
     Baseline 1 prunes each network separately with the same passes as the merged network.
     """
     layers = match_layers({task: model}, example_input)
-    gm = _Merger(layers, Grouping.origin(layers)).build()
-    shape_propagate(gm, example_input)
-    gm.train(model.training)
-    return gm
+    return _build(layers, Grouping.origin(layers), example_input)

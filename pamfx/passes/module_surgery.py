@@ -7,20 +7,25 @@ import re
 import torch
 from torch import nn
 
+from pamfx.frontend import strip_hooks
+
 
 def rebuild(module: nn.Module, share: bool = False, **tensors: torch.Tensor | None) -> nn.Module:
     """A copy of ``module`` whose named parameters / buffers are replaced by ``tensors``.
 
-    The copy owns fresh copies of ``tensors`` unless ``share`` is set, in which case it holds
-    them as given (views of another module's weights stay views). Its size attributes (in/out
+    The copy owns fresh copies of ``tensors`` and of every other parameter, buffer and submodule
+    (BatchNorm's ``num_batches_tracked`` included) and carries no hooks, unless ``share`` is set,
+    in which case it holds them as given (views of another module's weights stay views). Its size attributes (in/out
     channels, features, groups of a depthwise conv, num_features) follow the new tensors.
     """
     new = copy.copy(module)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
-    new._forward_hooks = type(module._forward_hooks)()
-    new._forward_pre_hooks = type(module._forward_pre_hooks)()
+    new._parameters = {
+        k: v if share or v is None else nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad)
+        for k, v in module._parameters.items()
+    }
+    new._buffers = {k: v if share or v is None else v.detach().clone() for k, v in module._buffers.items()}
+    new._modules = {k: v if share or v is None else copy.deepcopy(v) for k, v in module._modules.items()}
+    strip_hooks(new)
     for name, value in tensors.items():
         if value is None:
             new._parameters[name] = None

@@ -38,17 +38,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from tqdm.auto import tqdm
 
 from pamfx.analysis.activations import _batches, build_extractor
 from pamfx.analysis.layer_organisation import DENSE, HEAD, SHORTCUT, Submodules, organise_layers
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
 from pamfx.errors import InputError, UnsupportedOpError
-from pamfx.ir.neuron_layer import META_LAYER, META_MASK, LayerMap, LayerTaskSets
+from pamfx.ir.meta import META_LAYER, META_MASK
+from pamfx.ir.neuron_layer import LayerMap, LayerTaskSets
 from pamfx.ir.task_set import TaskSet, is_subset, popcount
 from pamfx.passes.finetune import TaskLoss, finetune
 from pamfx.passes.merge import merge
 from pamfx.passes.module_surgery import channel_tensors, expand_mask
+from pamfx.progress import progress_bar
 from pamfx.passes.select_channels import select_channels
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -449,7 +450,7 @@ def mtz_merge(
     chains = _coupled(layers)
     decided: dict[tuple[str, str], list[tuple[tuple[str, int], tuple[str, int]]]] = {}
     names = layers.tasks.names
-    for layer in tqdm(layers.names, desc="mtz", disable=not progress, leave=False):
+    for layer in progress_bar(layers.names, desc="mtz", enabled=progress):
         for k in range(1, len(names)):
             group = layers.tasks.to_set(names[:k])
             zips = zipper.step(layer, group, names[k], decided.get((chains[layer], names[k])))

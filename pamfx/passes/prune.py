@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 from torch import fx
-from tqdm.auto import tqdm
 
 from pamfx.analysis.cost import cost
 from pamfx.analysis.multitask_view import read_multitask
@@ -35,6 +34,7 @@ from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet, TaskSpace
 from pamfx.passes.finetune import TaskLoss, finetune
 from pamfx.passes.select_channels import select_channels
+from pamfx.progress import progress_bar
 
 Evaluate = Callable[[fx.GraphModule], Mapping[str, float]]
 #: ``propose(checkpoint, flops_budget, protected) -> {layer: [channels to remove]}``: the channels a
@@ -166,7 +166,7 @@ def iterative_prune(
     current = trajectory.record(0, gm, evaluate(gm), accepted=True)
     start, fraction, failures = current.expected_flops, step_fraction, 0
     protected: set[tuple[str, str, int]] = set()
-    with tqdm(total=max_rounds, desc="prune", disable=not progress, leave=False) as bar:
+    with progress_bar(total=max_rounds, desc="prune", enabled=progress) as bar:
         for round_ in range(1, max_rounds + 1):
             if current.expected_flops <= floor * start or failures >= patience:
                 break
@@ -214,7 +214,7 @@ def recover(
     chosen = trajectory.select(tolerance)
     cheaper = sorted((p for p in trajectory.accepted() if p.expected_flops < chosen.expected_flops),
                      key=lambda p: p.expected_flops)
-    for point in tqdm(cheaper[:candidates], desc="recover", disable=not progress, leave=False):
+    for point in progress_bar(cheaper[:candidates], desc="recover", enabled=progress):
         network = finetune(copy.deepcopy(point.network), train_loader, loss_fn, epochs=epochs, lr=lr,
                            recalibrate_bn=False, seed=seed + point.round, progress=False)
         accuracy = evaluate(network)

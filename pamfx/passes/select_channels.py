@@ -9,17 +9,18 @@ layer's task-set record follow, so the result is again a valid merged network.
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Mapping, Sequence
 
 import torch
 from torch import fx, nn
 
 from pamfx.analysis.layer_organisation import DENSE, HEAD, SHORTCUT, Submodules
-from pamfx.analysis.multitask_view import read_multitask
-from pamfx.errors import InputError
+from pamfx.analysis.multitask_view import MultitaskView, read_multitask
+from pamfx.errors import InputError, check_type
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
-from pamfx.ir.neuron_layer import META_LAYER, META_MASK
+from pamfx.ir.meta import META_LAYER, META_MASK
 from pamfx.passes.module_surgery import channel_tensors, rebuild, set_module
 
 
@@ -28,11 +29,15 @@ def _feature_index(index: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _check_keep(keep: Mapping[str, Sequence[int]], widths: dict[str, int]) -> dict[str, torch.Tensor]:
+    check_type(keep, Mapping, "select_channels: keep")
     out = {}
     for layer, idx in keep.items():
         if layer not in widths:
             raise InputError(f"select_channels: no neuron layer {layer!r}; layers are {sorted(widths)}")
-        idx = [int(i) for i in idx]
+        try:
+            idx = [operator.index(i) for i in idx]
+        except TypeError as exc:
+            raise InputError(f"select_channels: layer {layer!r}: channel indices must be integers ({exc})") from exc
         if not idx:
             raise InputError(f"select_channels: layer {layer!r} would lose every channel")
         if len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= widths[layer]:
@@ -43,9 +48,13 @@ def _check_keep(keep: Mapping[str, Sequence[int]], widths: dict[str, int]) -> di
 
 def select_channels(gm: fx.GraphModule, keep: Mapping[str, Sequence[int]]) -> fx.GraphModule:
     """A copy of merged network ``gm`` keeping, for each layer named in ``keep``, those channels in that order."""
-    view = read_multitask(gm)
+    return select_from_view(read_multitask(gm), keep)
+
+
+def select_from_view(view: MultitaskView, keep: Mapping[str, Sequence[int]]) -> fx.GraphModule:
+    """`select_channels` on the merged network that ``view`` has read."""
     index = _check_keep(keep, {name: rec.width for name, rec in view.records.items()})
-    new = copy.deepcopy(gm)
+    new = copy.deepcopy(view.gm)
     modules = Submodules(new)
     records = {name: view.records[name].select(idx.tolist()) for name, idx in index.items()}
     for node in new.graph.nodes:
@@ -80,7 +89,7 @@ def select_channels(gm: fx.GraphModule, keep: Mapping[str, Sequence[int]]) -> fx
             set_module(new, node.target, rebuild(module, **tensors))
         if mask is not None:
             node.meta[META_MASK] = mask
-    return shape_propagate(new, example_from_meta(gm))
+    return shape_propagate(new, example_from_meta(view.gm), "merged network")
 
 
 def _select_shortcut(module: DiagonalConnection, src_keep: torch.Tensor | None, dst_keep: torch.Tensor | None) -> DiagonalConnection:
@@ -102,7 +111,11 @@ def _select_shortcut(module: DiagonalConnection, src_keep: torch.Tensor | None, 
 def sort_channels(gm: fx.GraphModule) -> fx.GraphModule:
     """Reorder every layer's channels by task set (stable), so that each group is contiguous."""
     view = read_multitask(gm)
-    keep = {
+    return select_from_view(view, sort_keep(view))
+
+
+def sort_keep(view: MultitaskView) -> dict[str, list[int]]:
+    """Per layer, its channel indices ordered by task set (stable): what `sort_channels` keeps."""
+    return {
         name: sorted(range(rec.width), key=lambda c, rec=rec: (rec.task_sets[c], c)) for name, rec in view.records.items()
     }
-    return select_channels(gm, keep)

@@ -1,4 +1,4 @@
-"""Small single-task networks for demos, tests and benchmarks (DESIGN.md §8).
+"""Small single-task networks for demos, tests and benchmarks (docs/design.md §8).
 
 Every builder takes ``num_outputs`` (logits of one task), the input's channels and side, and a
 ``width`` multiplier so that the K networks of a merge may differ in width.

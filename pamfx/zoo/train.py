@@ -16,11 +16,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from pamfx.atomic import atomic_path
 from pamfx.data.tiled import TiledDigits
 from pamfx.errors import InputError
+from pamfx.progress import progress_bar
 from pamfx.zoo.models import build_model
 
 #: Bump when training changes meaning, so that cached networks go stale.
@@ -66,7 +66,7 @@ def train_single_task(
         loss_fn = nn.BCEWithLogitsLoss()
         model.train()
         epoch_losses = []
-        with tqdm(total=epochs * len(loader), desc=desc, disable=not progress, leave=False) as bar:
+        with progress_bar(total=epochs * len(loader), desc=desc, enabled=progress) as bar:
             for epoch in range(epochs):
                 total, count = 0.0, 0
                 for x, y in loader:
