@@ -17,16 +17,19 @@ from pamfx.report import format_table, write_report
 DESCRIPTION = """\
 pamfx merges K single-task networks into one multitask network with Pruning-Aware Merging (PAM),
 prunes it, and compares the cost of every task combination with baseline 1 (each network
-pruned on its own), both held to the same accuracy.
+pruned on its own) and optionally baseline 2 (MTZ), all pruned by the same pruner and held to the
+same accuracy on the calibration split (the cheapest checkpoint within the tolerance).
 
-  pamfx demo                 tiled-digits, 2 tasks, LeNet-5 (about a minute on 2 CPU cores)
-  pamfx run CONFIG.toml      any configuration (TOML or YAML) of these keys (demo defaults):
+  pamfx demo                 tiled-mnist, 2 tasks, LeNet-5, P2 pruning, one seed
+  pamfx run CONFIG.toml      any configuration (TOML or YAML) of ExperimentConfig's keys, e.g.
                              dataset = "tiled-digits" | "tiled-mnist", model = "lenet5" |
-                             "vgg" | "resnet" | "mobilenetv2", tasks = 2 | 5, alpha = 0.1,
-                             tolerance = 0.005, epochs = 10, ... (all: README, ExperimentConfig)
-  e.g. a file run.toml holding   dataset = "tiled-mnist"   and   epochs = 4
+                             "vgg" | "resnet" | "mobilenetv2", tasks = 2 | 5, pruner = "taylor"
+                             | "vib", methods = ["baseline1", "mtz", "pam"], seeds = [0, 1, 2],
+                             alpha, tolerance, combination_weights, ... (configs/ has examples)
+  pamfx run configs/lenet5-2tasks-p2.toml --seeds 0 1 2
 
-Results (table, results.json, results.csv, PNG plots) go to --out (default ./pamfx-out).
+Results (table with mean ± std over seeds, results.json, results.csv, PNG plots including the
+FLOPs-accuracy frontier) go to --out (default ./pamfx-out).
 """
 
 

@@ -75,18 +75,19 @@ class ExperimentConfig:
     strict_noise: bool = False
     combination_weights: dict[str, float] | None = None
     prune_step: float = 0.1
-    prune_finetune_steps: int = 60
-    prune_rounds: int = 40
-    prune_patience: int = 3
+    prune_finetune_steps: int = 100
+    prune_rounds: int = 60
+    prune_patience: int = 4
     prune_floor: float = 0.02
     importance_batches: int = 10
     mtz_samples: int = 500
     mtz_finetune_steps: int = 200
     recover_candidates: int = 3
     recover_epochs: int = 2
-    vib_epochs: int = 8
-    vib_kl: float = 2e-3
-    vib_lr: float = 1e-2
+    vib_epochs: int = 10
+    vib_kl: float = 1e-4
+    vib_kl_growth: float = 1.5
+    vib_lr: float = 3e-3
     cache: str | None = None
 
     @classmethod
@@ -111,7 +112,8 @@ class ExperimentConfig:
             (self.pruner in PRUNERS, f"'pruner' must be one of {PRUNERS}, got {self.pruner!r}"),
             (isinstance(self.seeds, list) and len(self.seeds) > 0 and all(isinstance(s, int) and s >= 0 for s in self.seeds),
              f"'seeds' must be a non-empty list of non-negative ints, got {self.seeds!r}"),
-            (self.vib_kl >= 0 and self.vib_epochs >= 1, "'vib_kl' must be >= 0 and 'vib_epochs' >= 1"),
+            (self.vib_kl >= 0 and self.vib_epochs >= 1 and self.vib_kl_growth >= 1,
+             "'vib_kl' must be >= 0, 'vib_kl_growth' >= 1 and 'vib_epochs' >= 1"),
             (isinstance(self.methods, list) and "pam" in self.methods and set(self.methods) <= set(METHODS)
              and len(set(self.methods)) == len(self.methods),
              f"'methods' must list distinct methods of {METHODS}, 'pam' among them, got {self.methods!r}"),
@@ -195,7 +197,8 @@ class _Pruner:
                                 max_rounds=c.prune_rounds, patience=c.prune_patience, **common)
         else:
             trajectory = prune_vib(network, self.train, loss, evaluate, search_tolerance=c.search_tolerance,
-                                   epochs=c.vib_epochs, kl_weight=c.vib_kl, patience=c.prune_patience,
+                                   epochs=c.vib_epochs, kl_weight=c.vib_kl, kl_growth=c.vib_kl_growth,
+                                   patience=c.prune_patience,
                                    gate_lr=c.vib_lr, lr=c.finetune_lr, **common)
         if c.recover_candidates:
             recover(trajectory, self.train, loss, evaluate, tolerance=c.tolerance, candidates=c.recover_candidates,

@@ -4,7 +4,7 @@ Every prunable neuron layer gets one multiplicative gate per channel on its valu
 activation and pooling: the layer's output node), ``z = μ + ε·exp(½·logD)`` with ε ~ N(0, 1) while
 training and ``z = μ`` on the kept channels (0 elsewhere) at evaluation. Initialisation, KL term and threshold follow VIBNet:
 μ ~ N(1, 0.01), logD ~ N(−9, 0.01), ``KL = ½·log(1 + μ²/σ²)`` per channel, and a channel is
-kept iff ``log α = log(σ²/μ²) < 0``. The loss is Σ_t L_t + ``kl_weight`` · Σ_c kl_mult_c · KL_c,
+kept iff ``log α = log(σ²/μ²) < 0``. The loss is Σ_t L_t + β · Σ_c kl_mult_c · KL_c (β annealed upwards, see `prune_vib`),
 where ``kl_mult`` is proportional to the channel's *expected* FLOPs over the task combinations
 that run it (the paper's per-layer kl_mult, made cost-aware) and averages 1.
 
@@ -158,7 +158,8 @@ def prune_vib(
     weights: Mapping[TaskSet, float],
     search_tolerance: float,
     epochs: int = 8,
-    kl_weight: float = 2e-3,
+    kl_weight: float = 1e-4,
+    kl_growth: float = 1.5,
     lr: float = 1e-3,
     gate_lr: float = 1e-2,
     patience: int = 3,
@@ -167,12 +168,16 @@ def prune_vib(
 ) -> Trajectory:
     """P1 on a merged (or one-task) network; returns the trajectory (one checkpoint per epoch).
 
+    The KL weight starts at ``kl_weight`` and grows by ``kl_growth`` per epoch (KL annealing): the
+    gates of a constant weight cross the threshold almost together, within an epoch, which leaves
+    no trajectory to select from; a growing weight prunes a few more channels every epoch.
     ``gm`` itself is not modified. An epoch whose network leaves a task more than
     ``search_tolerance`` below its reference is recorded as rejected; training stops after
     ``patience`` rejected epochs in a row.
     """
-    if epochs < 1 or kl_weight < 0 or patience < 1:
-        raise InputError(f"need epochs >= 1, kl_weight >= 0 and patience >= 1, got {epochs}, {kl_weight}, {patience}")
+    if epochs < 1 or kl_weight < 0 or kl_growth < 1 or patience < 1:
+        raise InputError(f"need epochs >= 1, kl_weight >= 0, kl_growth >= 1 and patience >= 1, "
+                         f"got {epochs}, {kl_weight}, {kl_growth}, {patience}")
     net = copy.deepcopy(gm)
     view = read_multitask(net)
     layers = gateable_layers(view)
@@ -183,8 +188,10 @@ def prune_vib(
     mean_cost = float(torch.cat([flops[l] for l in layers]).mean())
     kl_mult = {l: (flops[l] / max(mean_cost, 1.0)).to(torch.float32) for l in layers}
 
+    weight = [kl_weight]
+
     def penalty() -> torch.Tensor:
-        return kl_weight * sum((kl_mult[l] * g.kl()).sum() for l, g in gates.items())
+        return weight[0] * sum((kl_mult[l] * g.kl()).sum() for l, g in gates.items())
 
     trajectory = Trajectory(view.tasks, dict(reference), dict(weights))
     trajectory.record(0, gm, evaluate(gm), accepted=True)
@@ -199,6 +206,7 @@ def prune_vib(
         accuracy = evaluate(candidate)
         ok = all(accuracy[t] >= reference[t] - search_tolerance for t in accuracy)
         trajectory.record(epoch, candidate, accuracy, accepted=ok)
+        weight[0] *= kl_growth
         failures = 0 if ok else failures + 1
         if failures >= patience:
             break
