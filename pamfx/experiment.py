@@ -19,7 +19,7 @@ from torch import fx
 from torch.utils.data import DataLoader, Dataset
 
 from pamfx.analysis.cost import cost
-from pamfx.analysis.layer_organisation import organise_layers
+from pamfx.analysis.layer_matching import organise_layers
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.analysis.regroup import regroup
 from pamfx.data import load_dataset, task_split

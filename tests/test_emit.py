@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import pamfx
-from pamfx.analysis.layer_organisation import DENSE
+from pamfx.analysis.channel_rules import Role
 from pamfx.codegen.emit import META_FUSED, META_GROUP, ConstantChannels, fusion_report
 from pamfx.codegen.fusion import FusionCostModel
 from tests.conftest import ARCHITECTURES, example_input, model_set, perturb
@@ -132,7 +132,7 @@ def dense_layers_with_groups(merged, combo, at_least: int) -> list[str]:
     return [
         info.layer
         for info in view.layers.nodes.values()
-        if info.role == DENSE and len(view.groups(info.layer, combo)) >= at_least
+        if info.role == Role.DENSE and len(view.groups(info.layer, combo)) >= at_least
     ]
 
 

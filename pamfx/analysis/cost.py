@@ -18,7 +18,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import fx, nn
 
-from pamfx.analysis.layer_organisation import CHANNELWISE, DENSE, HEAD, NodeInfo, Submodules
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_organisation import NodeInfo, Submodules
 from pamfx.analysis.multitask_view import MultitaskView, is_multitask, read_multitask
 from pamfx.errors import InputError
 from pamfx.frontend import trace
@@ -60,16 +61,16 @@ def _merged_cost(gm: fx.GraphModule, combo: TaskSet) -> Cost:
     view = read_multitask(gm)
     macs = params = 0
     for node, info, module, positions in _module_nodes(gm, view):
-        if info.role == DENSE or (info.role == HEAD and combo & view.tasks.bit(info.task)):
+        if info.role == Role.DENSE or (info.role == Role.HEAD and combo & view.tasks.bit(info.task)):
             mask = node.meta[META_MASK]
-            if info.role == DENSE:
+            if info.role == Role.DENSE:
                 active = [o for o, t in enumerate(view.records[info.layer].task_sets) if t & combo]
                 mask = mask[active]
             block = view.layers.nodes[node.args[0].name].block
             edges = int(mask.sum()) * _kernel(module) * block
             macs += edges * positions
             params += edges + (mask.shape[0] if module.bias is not None else 0)
-        elif info.role == CHANNELWISE and info.layer is not None and any(True for _ in module.parameters(recurse=False)):
+        elif info.role == Role.CHANNELWISE and info.layer is not None and any(True for _ in module.parameters(recurse=False)):
             active = sum(1 for t in view.records[info.layer].task_sets if t & combo)
             per_channel = sum(p.numel() for p in module.parameters(recurse=False)) // view.records[info.layer].width
             params += active * per_channel
@@ -140,10 +141,10 @@ def channel_flops(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     view = read_multitask(gm)
     out = {name: torch.zeros(rec.width, dtype=torch.float64) for name, rec in view.records.items()}
     for node, info, module, positions in _module_nodes(gm, view):
-        if info.role in (DENSE, HEAD):
+        if info.role in (Role.DENSE, Role.HEAD):
             mask = node.meta[META_MASK].to(torch.float64)
             per_edge = 2 * _kernel(module) * view.layers.nodes[node.args[0].name].block * positions
-            if info.role == DENSE:
+            if info.role == Role.DENSE:
                 out[info.layer] += mask.sum(1) * per_edge
             if info.source is not None:
                 out[info.source] += mask.sum(0) * per_edge

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from pamfx.analysis.layer_organisation import DENSE, HEAD, GraphLayers, organise_graph
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_organisation import GraphLayers, organise_graph
 from pamfx.errors import PamfxError
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.grouping import Grouping
@@ -82,10 +83,10 @@ def read_multitask(gm: fx.GraphModule) -> MultitaskView:
     view = MultitaskView(gm, tasks, layers, records)
     for name, info in layers.nodes.items():
         node = by_name[name]
-        if info.role == DENSE:
+        if info.role == Role.DENSE:
             in_width = node.meta[META_MASK].shape[1] if META_MASK in node.meta else -1
             expected = view.rule_mask(info.layer, info.source, in_width)
-        elif info.role == HEAD:
+        elif info.role == Role.HEAD:
             if node.meta.get(META_HEAD) != info.task:
                 raise IRError(f"head {name!r} of task {info.task!r} carries no or a wrong pamfx_head record")
             expected = view.records[info.source].serves(view.tasks.bit(info.task))[None, :]

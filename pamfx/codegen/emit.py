@@ -34,7 +34,8 @@ from typing import Any, Iterable
 import torch
 from torch import fx, nn
 
-from pamfx.analysis.layer_organisation import ADD, DENSE, FLATTEN, HEAD, META, SHORTCUT, NodeInfo, Submodules
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_organisation import NodeInfo, Submodules
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
 from pamfx.codegen.fusion import FusionCostModel
 from pamfx.errors import InputError
@@ -153,7 +154,7 @@ class _Emitter:
                 (ret,) = node.args
                 names = self.view.tasks.ordered_names(self.combo)
                 self.graph.output({t: self.env[ret[t].name] for t in names})
-            elif info is None or info.role == META:
+            elif info is None or info.role == Role.META:
                 self.env[node.name] = self.graph.node_copy(node, self.meta_arg)
             elif info.task is not None:
                 self.head_chain(node, info)
@@ -178,9 +179,9 @@ class _Emitter:
         return self.graph.node_copy(node, lambda n: self.env[n.name])
 
     def layer_node(self, node: fx.Node, info: NodeInfo) -> Any:
-        if info.role == DENSE:
+        if info.role == Role.DENSE:
             return self.dense(node, info)
-        if info.role == SHORTCUT:
+        if info.role == Role.SHORTCUT:
             module: DiagonalConnection = self.modules[node.target]
             return _Shortcut(self.env[node.args[0].name], module.src.tolist(), module.dst.tolist())
         groups = self.view.groups(info.layer, self.combo)
@@ -190,20 +191,22 @@ class _Emitter:
         return _Grouped(info.layer, out)
 
     def per_group(self, node: fx.Node, info: NodeInfo, task_set: TaskSet, idx: list[int]) -> fx.Node:
-        """A channel-wise op (or residual add, or flatten) applied to one group."""
-        shortcut = next((self.env[a.name] for a in node.args if isinstance(a, fx.Node) and isinstance(self.env.get(a.name), _Shortcut)), None)
+        """A channel-wise op (or flatten, or residual sum: the call is kept, so ``alpha=`` and
+        ``sub`` stay exact) applied to one group."""
+        substitute: dict[fx.Node, fx.Node] = {}  # a residual's shortcut operand -> its value on this group
 
         def arg_map(n: fx.Node) -> Any:
+            if n in substitute:
+                return substitute[n]
             value = self.env[n.name]
-            if isinstance(value, _Shortcut):
-                return None
             return value.nodes[task_set] if isinstance(value, _Grouped) else value
 
-        if info.role == FLATTEN:
+        if info.role == Role.FLATTEN:
             return self.graph.call_function(torch.flatten, (arg_map(node.args[0]), 1))
-        if info.role == ADD and shortcut is not None:
-            base = next(arg_map(a) for a in node.args if isinstance(a, fx.Node) and not isinstance(self.env[a.name], _Shortcut))
-            return self.add_shortcut(base, shortcut, task_set, idx, info.layer)
+        shortcut = next((n for n in node.all_input_nodes if isinstance(self.env.get(n.name), _Shortcut)), None)
+        if info.role == Role.RESIDUAL and shortcut is not None:
+            base = next(arg_map(n) for n in node.all_input_nodes if n is not shortcut)
+            substitute[shortcut] = self.shortcut_group(self.env[shortcut.name], base, task_set, idx, info.layer)
         if node.op == "call_module":
             module = self.modules[node.target]
             tensors = channel_tensors(module)
@@ -216,22 +219,22 @@ class _Emitter:
             return self.graph.call_module(name, fx.map_arg(node.args, arg_map), fx.map_arg(node.kwargs, arg_map))
         return self.graph.create_node(node.op, node.target, fx.map_arg(node.args, arg_map), fx.map_arg(node.kwargs, arg_map))
 
-    def add_shortcut(self, base: fx.Node, sc: _Shortcut, task_set: TaskSet, idx: list[int], layer: str) -> fx.Node:
-        """``base`` plus the identity shortcut's allowed channels that land in this group."""
+    def shortcut_group(self, sc: _Shortcut, base: fx.Node, task_set: TaskSet, idx: list[int], layer: str) -> fx.Node:
+        """The identity shortcut's value on one group: its allowed channels that land in the group,
+        gathered from the source's active groups, and 0 on the group's other channels."""
         position = {c: p for p, c in enumerate(idx)}
         src_groups = sc.source.nodes
         src_order = [c for t in src_groups for c in self.view.groups(sc.source.layer, self.combo)[t]]
         src_position = {c: p for p, c in enumerate(src_order)}
         pairs = [(src_position[s], position[d]) for s, d in zip(sc.src, sc.dst) if d in position]
         if not pairs:
-            return base
-        gathered = self.graph.call_function(
-            torch.index_select, (self.cat(list(src_groups.values())), 1, self.add_index(f"{layer}.sc_src", [p for p, _ in pairs]))
-        )
-        dst = [q for _, q in pairs]
+            return self.graph.call_function(torch.zeros_like, (base,))
+        source = self.cat(list(src_groups.values()))
+        src, dst = [p for p, _ in pairs], [q for _, q in pairs]
         if dst == list(range(len(idx))):
-            return self.graph.call_function(torch.add, (base, gathered))
-        return self.graph.call_function(torch.index_add, (base, 1, self.add_index(f"{layer}.sc_dst", dst), gathered))
+            return self.graph.call_function(torch.index_select, (source, 1, self.add_index(f"{layer}.sc_src", src)))
+        module = DiagonalConnection(torch.tensor(src), torch.tensor(dst), len(idx))
+        return self.graph.call_module(self.add_module(f"{layer}.shortcut.{self.label(task_set)}", module), (source,))
 
     def inputs(self, source: _Grouped, allowed: list[TaskSet], block: int) -> tuple[list[fx.Node], list[list[int]]]:
         groups = self.view.groups(source.layer, self.combo)
@@ -351,7 +354,7 @@ class _Emitter:
     def head_chain(self, node: fx.Node, info: NodeInfo) -> None:
         if not self.combo & self.view.tasks.bit(info.task):
             return
-        if info.role != HEAD:
+        if info.role != Role.HEAD:
             self.env[node.name] = self.copy_plain(node)
             return
         module = self.modules[node.target]

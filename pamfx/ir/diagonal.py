@@ -20,9 +20,7 @@ class DiagonalConnection(nn.Module):
         self.out_channels = int(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = list(x.shape)
-        shape[1] = self.out_channels
-        out = x.new_zeros(shape)
+        out = x.new_zeros(x.shape[:1] + (self.out_channels,) + x.shape[2:])  # no list(): fx can re-trace it
         return out.index_copy(1, self.dst, x.index_select(1, self.src))
 
     def extra_repr(self) -> str:

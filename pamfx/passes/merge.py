@@ -14,17 +14,9 @@ from typing import Mapping
 import torch
 from torch import fx, nn
 
-from pamfx.analysis.layer_organisation import (
-    ADD,
-    DENSE,
-    FLATTEN,
-    HEAD,
-    META,
-    NodeInfo,
-    match_layers,
-    organise_graph,
-    organise_layers,
-)
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_matching import match_layers, organise_layers
+from pamfx.analysis.layer_organisation import NodeInfo, organise_graph
 from pamfx.errors import GroupingError, InputError, MismatchError, UnsupportedOpError
 from pamfx.frontend import shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
@@ -110,13 +102,13 @@ class _Merger:
         return gm
 
     def trunk_node(self, i: int, tnode: fx.Node, info: NodeInfo | None) -> fx.Node:
-        if tnode.op == "placeholder" or info is None or info.role == META:
+        if tnode.op == "placeholder" or info is None or info.role == Role.META:
             return self.copy_node(tnode, self.trunk)
-        if info.role == DENSE:
+        if info.role == Role.DENSE:
             return self.dense(i, tnode, info)
-        if info.role == FLATTEN:
+        if info.role == Role.FLATTEN:
             return self.graph.call_function(torch.flatten, (self.trunk(tnode.args[0]), 1))
-        if info.role == ADD and any(n == tnode.name for n, _ in self.structure(info.layer).shortcuts):
+        if info.role == Role.RESIDUAL and any(n == tnode.name for n, _ in self.structure(info.layer).shortcuts):
             return self.residual_add(tnode, info)
         if tnode.op == "call_module":
             return self.channelwise_module(i, tnode, info)
@@ -167,7 +159,8 @@ class _Merger:
         return node
 
     def residual_add(self, tnode: fx.Node, info: NodeInfo) -> fx.Node:
-        """An add with an identity shortcut: the shortcut becomes a `DiagonalConnection`."""
+        """A residual sum with an identity shortcut: the shortcut operand (positional or keyword)
+        goes through a `DiagonalConnection`; the call itself (``alpha=``, ``sub``) is kept."""
         src = dict(self.structure(info.layer).shortcuts)[tnode.name]
         dst_rec, src_rec = self.records[info.layer], self.records[src]
         if dst_rec.origins != src_rec.origins:
@@ -176,16 +169,16 @@ class _Merger:
         index = torch.tensor(allowed, dtype=torch.long)
         target = f"pamfx_shortcuts.{attr_name(tnode.name)}"
         self.modules[target] = DiagonalConnection(index, index, dst_rec.width)
-        args = []
-        for a in tnode.args:
-            a_info = self.infos[self.first].get(a.name) if isinstance(a, fx.Node) else None
-            if a_info is not None and a_info.layer == src:
-                shortcut = self.graph.call_module(target, (self.trunk(a),))
-                shortcut.meta[META_LAYER] = dst_rec
-                args.append(shortcut)
-            else:
-                args.append(fx.map_arg(a, self.trunk))
-        return self.copy_node(tnode, self.trunk, args=tuple(args))
+
+        def arg_map(n: fx.Node) -> fx.Node:  # the operand from the source layer goes through the shortcut
+            n_info = self.infos[self.first].get(n.name)
+            if n_info is None or n_info.layer != src:
+                return self.trunk(n)
+            shortcut = self.graph.call_module(target, (self.trunk(n),))
+            shortcut.meta[META_LAYER] = dst_rec
+            return shortcut
+
+        return self.copy_node(tnode, arg_map)
 
     def head_chain(self, i: int, tnode: fx.Node, info: NodeInfo) -> None:
         """The head and the ops after it, once per task, each from that task's own network."""
@@ -201,13 +194,13 @@ class _Merger:
                 continue
             target = f"{tnode.target}_{attr_name(t)}"
             module = self.module(t, i)
-            if info.role == HEAD:
+            if info.role == Role.HEAD:
                 module = self.head_module(module, t, info, self.infos[self.first][tnode.args[0].name].block)
             elif channel_tensors(module):
                 raise UnsupportedOpError(f"{t}: parametric op {tnode.name!r} after the head is not supported")
             self.modules[target] = module
             env[tnode.name] = self.copy_node(tnode, arg_map, target=target, name=name)
-            if info.role == HEAD:
+            if info.role == Role.HEAD:
                 env[tnode.name].meta[META_HEAD] = t
                 rows = module.weight.shape[0]
                 env[tnode.name].meta[META_MASK] = self.head_mask(t, info.source)[None, :].repeat(rows, 1)

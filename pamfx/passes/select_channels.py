@@ -14,7 +14,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from pamfx.analysis.layer_organisation import DENSE, HEAD, SHORTCUT, Submodules
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_organisation import Submodules
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.errors import InputError
 from pamfx.frontend import example_from_meta, shape_propagate
@@ -62,20 +63,20 @@ def select_channels(gm: fx.GraphModule, keep: Mapping[str, Sequence[int]]) -> fx
         if node.op != "call_module":
             continue
         module = modules[node.target]
-        if info.role == SHORTCUT:
+        if info.role == Role.SHORTCUT:
             _set_module(new, node.target, _select_shortcut(module, index.get(info.source), index.get(info.layer)))
             continue
         tensors: dict[str, torch.Tensor | None] = {}
         mask = node.meta.get(META_MASK)
-        if info.role == DENSE and info.layer in index:
+        if info.role == Role.DENSE and info.layer in index:
             rows = index[info.layer]
             tensors["weight"] = module.weight.index_select(0, rows)
             if module.bias is not None:
                 tensors["bias"] = module.bias.index_select(0, rows)
             mask = mask.index_select(0, rows)
-        elif info.role not in (DENSE, HEAD) and info.layer in index:
+        elif info.role not in (Role.DENSE, Role.HEAD) and info.layer in index:
             tensors = {k: v.index_select(0, index[info.layer]) for k, v in channel_tensors(module).items()}
-        if info.role in (DENSE, HEAD) and info.source in index:
+        if info.role in (Role.DENSE, Role.HEAD) and info.source in index:
             cols = index[info.source]
             block = view.layers.nodes[node.args[0].name].block
             weight = tensors.get("weight", module.weight)

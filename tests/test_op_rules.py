@@ -1,0 +1,203 @@
+"""Channel rules: residual forms (alpha=, keywords, sub), reused modules, named refusals, user rules."""
+import operator
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import pamfx
+from pamfx.analysis.channel_rules import Role
+from pamfx.ir.diagonal import DiagonalConnection
+from tests.conftest import example_input, perturb
+from tests.test_emit import check_all_combinations
+
+RESIDUAL_FORMS = {
+    "alpha": lambda out, x: torch.add(out, x, alpha=0.5),
+    "keywords": lambda out, x: torch.add(input=out, other=x),
+    "keywords_alpha": lambda out, x: torch.add(other=x, input=out, alpha=-2.0),
+    "sub": lambda out, x: torch.sub(out, x, alpha=0.25),
+    "shortcut_first": lambda out, x: operator.sub(x, out),
+    "method": lambda out, x: out.add(x, alpha=3.0),
+}
+
+
+class Residual(nn.Module):
+    """stem -> conv -> ``form(conv, stem)`` -> conv -> head: one identity shortcut in ``form``."""
+
+    def __init__(self, form: str, width: int, classes: int):
+        super().__init__()
+        self.form = RESIDUAL_FORMS[form]
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.post = nn.Conv2d(width, width, 3, stride=2)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = torch.relu(self.form(self.bn(self.conv(x)), x))
+        return self.head(self.post(y).mean((2, 3)))
+
+
+def residual_models(form: str) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {"A": Residual(form, 6, 3).eval(), "B": Residual(form, 4, 2).eval()}
+
+
+@pytest.mark.parametrize("form", sorted(RESIDUAL_FORMS))
+def test_residual_forms_origin_emit_reproduces_each_model(form):
+    models = residual_models(form)
+    merged = pamfx.merge(models, example_input(), "origin").eval()
+    x = example_input(batch=4, seed=2)
+    assert any(isinstance(m, DiagonalConnection) for m in merged.modules()), "the shortcut must be a diagonal connection"
+    for task, model in models.items():
+        expected = model(x)
+        assert (pamfx.emit(merged, task).eval()(x)[task] - expected).abs().max().item() <= 1e-5
+        assert (merged(x)[task] - expected).abs().max().item() <= 1e-5
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(form=st.sampled_from(sorted(RESIDUAL_FORMS)), seed=st.integers(0, 2**16))
+def test_residual_forms_random_groupings_emit_equals_merged(form, seed):
+    models = residual_models(form)
+    layers = pamfx.organise_layers(models, example_input())
+    merged = perturb(pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=seed), layers=layers), seed)
+    check_all_combinations(merged.eval(), layers)
+
+
+@pytest.mark.parametrize("form", ["keywords", "keywords_alpha", "shortcut_first"])
+def test_shortcut_obeys_the_connection_rule(form):
+    """A's output must not move when only channels of task set {B} change (τ_dst ⊄ τ_src)."""
+    models = residual_models(form)
+    layers = pamfx.organise_layers(models, example_input())
+    shared = pamfx.Grouping.shared(layers)
+    b_only = layers.tasks.bit("B")
+    sets = {n: [b_only] * 2 + list(shared.masks(n))[2:] for n in layers.names}  # a B-only path to B's head
+    sets["stem"][:5] = [b_only] * 5  # the shortcut's source: 5 channels of B alone, 3 feed shared channels
+    grouping = pamfx.Grouping(layers.tasks, sets)
+    merged = perturb(pamfx.merge(models, example_input(), grouping, layers=layers), 0).eval()
+    x = example_input(batch=4, seed=5)
+    before = merged(x)
+    with torch.no_grad():
+        merged.get_submodule("stem").weight[:5] += 1.0
+    after = merged(x)
+    assert torch.equal(before["A"], after["A"])
+    assert not torch.allclose(before["B"], after["B"])
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3)
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.act(self.stem(x))
+        return self.head(self.act(self.c(self.act(self.c(x)))).mean((2, 3)))
+
+
+def test_module_with_weights_called_twice_is_refused_by_name():
+    with pytest.raises(pamfx.UnsupportedOpError, match=r"module 'c' \(Conv2d\).*called by 2 nodes \['c', 'c_1'\]"):
+        pamfx.organise_layers({"A": Twice(), "B": Twice()}, example_input())
+
+
+class SqueezeExcitation(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, 2, 1)
+        self.fc2 = nn.Conv2d(2, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class WithSE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sequential(nn.ReLU(), SqueezeExcitation(4)))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_refusal_names_the_submodule_and_the_cause():
+    with pytest.raises(pamfx.UnsupportedOpError) as err:
+        pamfx.organise_layers({"A": WithSE(), "B": WithSE()}, example_input())
+    message = str(err.value)
+    assert "node 'mul'" in message
+    assert "submodule 'features.1.1' (SqueezeExcitation)" in message
+    assert "different neuron layers" in message
+
+
+class ChannelScale(nn.Module):
+    """A user's op pamfx does not know: a learned per-channel scale."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x * self.weight[None, :, None, None]
+
+
+class Scaled(nn.Module):
+    def __init__(self, width: int, classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3)
+        self.scale = ChannelScale(width)
+        self.conv2 = nn.Conv2d(width, width, 3)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.conv2(self.scale(self.conv(x))).mean((2, 3)))
+
+
+def test_user_registers_a_rule_for_a_custom_module():
+    torch.manual_seed(1)
+    models = {"A": Scaled(5, 3).eval(), "B": Scaled(3, 2).eval()}
+    with pytest.raises(pamfx.UnsupportedOpError, match=r"submodule 'scale' \(ChannelScale\)"):
+        pamfx.organise_layers(models, example_input())
+
+    @pamfx.register_channel_rule(ChannelScale)
+    def _(op: pamfx.OpCall) -> None:
+        op.channelwise()
+
+    layers = pamfx.organise_layers(models, example_input())
+    assert layers["conv"].structures["A"].channelwise == ("scale",)
+    assert pamfx.organise_graph(layers.graphs["A"], "A", "A").nodes["scale"].role is Role.CHANNELWISE
+    merged = pamfx.merge(models, example_input(), "origin", layers=layers).eval()
+    x = example_input(batch=3, seed=1)
+    for task, model in models.items():
+        assert (merged(x)[task] - model(x)).abs().max().item() <= 1e-5
+    grouped = pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=3), layers=layers)
+    check_all_combinations(perturb(grouped, 3).eval(), layers)
+
+
+def test_a_rule_that_calls_no_verb_is_refused():
+    class Mystery(nn.Module):
+        def forward(self, x):
+            return x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.m, self.head = nn.Conv2d(1, 3, 3), Mystery(), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.m(self.conv(x)).mean((2, 3)))
+
+    pamfx.register_channel_rule(Mystery)(lambda op: None)
+    with pytest.raises(pamfx.UnsupportedOpError, match="node 'm' .*without calling a verb"):
+        pamfx.organise_layers({"A": Net(), "B": Net()}, example_input())
+
+
+def test_register_channel_rule_checks_its_targets():
+    with pytest.raises(pamfx.InputError):
+        pamfx.register_channel_rule()
+    with pytest.raises(pamfx.InputError, match="not an nn.Module"):
+        pamfx.register_channel_rule(int)
