@@ -10,7 +10,7 @@ from torch import nn
 import pamfx
 from pamfx.analysis.channel_rules import Role
 from pamfx.ir.diagonal import DiagonalConnection
-from tests.conftest import example_input, perturb
+from tests.conftest import example_input, perturb, randomise
 from tests.test_emit import check_all_combinations
 
 RESIDUAL_FORMS = {
@@ -105,20 +105,15 @@ def test_module_with_weights_called_twice_is_refused_by_name():
         pamfx.organise_layers({"A": Twice(), "B": Twice()}, example_input())
 
 
-class SqueezeExcitation(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.fc1 = nn.Conv2d(c, 2, 1)
-        self.fc2 = nn.Conv2d(2, c, 1)
-
+class ChannelSoftmax(nn.Module):
     def forward(self, x):
-        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return torch.softmax(x, dim=1)
 
 
-class WithSE(nn.Module):
+class WithSoftmax(nn.Module):
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sequential(nn.ReLU(), SqueezeExcitation(4)))
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sequential(nn.ReLU(), ChannelSoftmax()))
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
@@ -127,11 +122,74 @@ class WithSE(nn.Module):
 
 def test_refusal_names_the_submodule_and_the_cause():
     with pytest.raises(pamfx.UnsupportedOpError) as err:
-        pamfx.organise_layers({"A": WithSE(), "B": WithSE()}, example_input())
+        pamfx.organise_layers({"A": WithSoftmax(), "B": WithSoftmax()}, example_input())
     message = str(err.value)
-    assert "node 'mul'" in message
-    assert "submodule 'features.1.1' (SqueezeExcitation)" in message
-    assert "different neuron layers" in message
+    assert "node 'softmax'" in message
+    assert "submodule 'features.1.1' (ChannelSoftmax)" in message
+    assert "no channel rule" in message
+
+
+class InvertedResidualSE(nn.Module):
+    """A MobileNetV3 / EfficientNet block: expand, depthwise, squeeze-excitation gate, project, residual."""
+
+    def __init__(self, c: int, hidden: int, squeeze: int, classes: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.Hardswish())
+        self.expand = nn.Sequential(nn.Conv2d(c, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden), nn.BatchNorm2d(hidden))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(hidden, squeeze, 1), nn.Conv2d(squeeze, hidden, 1)
+        self.project = nn.Sequential(nn.Conv2d(hidden, c, 1), nn.BatchNorm2d(c))
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = self.depthwise(self.expand(x))
+        h = h * nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(self.pool(h)))))
+        return self.head((self.project(h) + x).mean((2, 3)))
+
+
+def se_models(k: int = 2) -> dict[str, nn.Module]:
+    torch.manual_seed(2)
+    sizes = [(6, 12, 3, 3), (4, 8, 2, 2), (5, 10, 3, 4)]
+    return {name: randomise(InvertedResidualSE(*sizes[i]), i) for i, name in enumerate("ABC"[:k])}
+
+
+def test_squeeze_excitation_gate_joins_the_layer_it_gates():
+    models = se_models()
+    layers = pamfx.organise_layers(models, example_input())
+    expand = layers["expand.0"].structures["A"]
+    assert expand.producers == ("expand_0", "fc2")  # the gate's last conv produces the gated layer
+    assert "mul" in expand.channelwise
+    assert layers["fc1"].structures["A"].consumers[0].node == "fc2"  # the gate's hidden layer: an ordinary layer
+    merged = pamfx.merge(models, example_input(), "origin", layers=layers).eval()
+    x = example_input(batch=4, seed=6)
+    for task, model in models.items():
+        assert (merged(x)[task] - model(x)).abs().max().item() <= 1e-5
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(k=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
+def test_squeeze_excitation_random_groupings_emit_equals_merged(k, seed):
+    models = se_models(k)
+    layers = pamfx.organise_layers(models, example_input())
+    merged = perturb(pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=seed), layers=layers), seed)
+    check_all_combinations(merged.eval(), layers)
+
+
+class SpatialAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.att, self.head = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 1, 1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.head((x * torch.sigmoid(self.att(x))).mean((2, 3)))
+
+
+def test_a_product_that_is_not_channel_to_channel_is_refused():
+    with pytest.raises(pamfx.UnsupportedOpError, match=r"node 'mul'.*layers of 4 and 1 channels"):
+        pamfx.organise_layers({"A": SpatialAttention(), "B": SpatialAttention()}, example_input())
 
 
 class ChannelScale(nn.Module):

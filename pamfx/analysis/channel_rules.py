@@ -12,6 +12,10 @@ exactly one of its verbs:
   input's space.
 - `OpCall.spatial_mean()`: a mean over spatial dimensions (dim >= 2), channel-wise too.
 - `OpCall.flatten()`: ``[N, C, H, W] -> [N, C·H·W]``: H·W features per channel from then on.
+- `OpCall.product()`: an elementwise product of tensors of different spaces where all but one
+  operand are computed only for this product — a squeeze-excitation gate ``x * gate(x)``: the
+  gate's producer (its last conv) joins the layer of ``x``, so gate channel c, like x's channel c,
+  has that layer's task set, and the gate's hidden layer is an ordinary neuron layer.
 - `OpCall.residual()`: an elementwise sum / difference of tensors of *different* spaces (a
   residual block, Sec. 4.5.3); the organiser decides which operands become producers of the layer
   after the addition and which become identity shortcuts. Operands of one space: channel-wise.
@@ -169,6 +173,13 @@ class OpCall:
     def flatten(self) -> None:
         self.spaces.flatten(self.node, self.only_input())
 
+    def product(self) -> None:
+        if self.same_space():
+            return self.channelwise()
+        if len(self.inputs) != 2:
+            raise self.refuse(f"an elementwise product must combine two tensors, this one reads {len(self.inputs)}")
+        self.spaces.product(self.node, *self.inputs)
+
     def residual(self) -> None:
         if self.same_space():
             return self.channelwise()
@@ -200,10 +211,15 @@ def _linear(op: OpCall) -> None:
     F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.mish,
     torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.elu, F.dropout, F.dropout1d, F.dropout2d,
     "relu", "sigmoid", "tanh", "contiguous", "clone", "float",
-    operator.mul, operator.imul, operator.truediv, torch.mul, torch.div, "mul", "div", "mul_",
 )
 def _channelwise(op: OpCall) -> None:
     op.channelwise()
+
+
+@register_channel_rule(operator.mul, operator.imul, operator.truediv, torch.mul, torch.div, "mul", "div", "mul_")
+def _product(op: OpCall) -> None:
+    """``x * s`` (scalar), ``x * y`` (one space), or a gate ``x * gate(x)`` (squeeze-excitation)."""
+    op.product()
 
 
 @register_channel_rule(

@@ -320,6 +320,32 @@ class ChannelSpaces:
             layer.shortcuts.append((p.name, self.pending.pop(p.name)))
         self.enter(layer, node, Role.RESIDUAL)
 
+    def product(self, node: fx.Node, a: fx.Node, b: fx.Node) -> None:
+        """``a * b`` of different spaces: every operand's space computed only for this product
+        (a gate) joins the one that is read elsewhere too (or a new layer if none is)."""
+        if a.name in self.pending or b.name in self.pending:
+            raise self.unsupported(node, "a diagonal connection must feed a residual add directly")
+        if self.value[a.name][1] != 1 or self.value[b.name][1] != 1:
+            raise self.unsupported(node, "a product of flattened tensors of different neuron layers is not supported")
+        spaces = [self.space_of(a), self.space_of(b)]
+        if any(s.is_input for s in spaces):
+            raise self.unsupported(node, "a product with the model input itself is not supported")
+        if spaces[0].width != spaces[1].width or shape_of(node)[1] != spaces[0].width:
+            raise self.unsupported(
+                node, f"multiplies layers of {spaces[0].width} and {spaces[1].width} channels (not channel to channel)"
+            )
+        shared = [s for s in spaces if not self.private(s, node)]
+        if len(shared) > 1:
+            raise self.unsupported(
+                node, "multiplies two neuron layers that are both read elsewhere; only a gate computed for this "
+                "product alone (squeeze-excitation) can be merged exactly"
+            )
+        layer = shared[0] if shared else self.new_space(shape_of(node)[1], node.name)
+        for space in spaces:
+            if space is not layer:
+                layer = self.join(layer, space)
+        self.enter(layer, node, Role.CHANNELWISE)
+
     # -- heads and results ---------------------------------------------------------------------
     def outputs(self) -> dict[str, fx.Node]:
         (ret,) = self.output.args
