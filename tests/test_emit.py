@@ -20,9 +20,11 @@ def flop_counter_flops(module, x) -> int:
     return counter.get_total_flops()
 
 
-def check_all_combinations(merged, layers, combos=None):
-    x = example_input(batch=1, seed=3)
-    batch = example_input(batch=4, seed=4)
+def check_all_combinations(merged, layers, combos=None, inputs=None):
+    """Every combination's emitted module equals the merged network and costs its FlopCounterMode.
+
+    ``inputs``: (one sample, a batch) to run, default 1-channel 16x16 ones."""
+    x, batch = inputs or (example_input(batch=1, seed=3), example_input(batch=4, seed=4))
     reference = merged(batch)
     for combo in combos or layers.tasks.combinations():
         emitted = pamfx.emit(merged, combo).eval()

@@ -192,6 +192,65 @@ def test_a_product_that_is_not_channel_to_channel_is_refused():
         pamfx.organise_layers({"A": SpatialAttention(), "B": SpatialAttention()}, example_input())
 
 
+class GroupedBlock(nn.Module):
+    """A ResNeXt / RegNet-style block: grouped stem, 1x1 reduce, grouped 3x3, 1x1 expand, residual."""
+
+    def __init__(self, c: int, hidden: int, classes: int, groups: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, c, 3, padding=1, groups=2), nn.BatchNorm2d(c), nn.ReLU())
+        self.reduce = nn.Sequential(nn.Conv2d(c, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=groups), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(hidden, c, 1), nn.BatchNorm2d(c))
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(self.expand(self.grouped(self.reduce(x))) + x).mean((2, 3)))
+
+
+def grouped_models(k: int = 2) -> dict[str, nn.Module]:
+    torch.manual_seed(3)
+    sizes = [(8, 12, 3), (4, 8, 2), (6, 16, 4)]
+    return {name: randomise(GroupedBlock(*sizes[i], groups=4), i) for i, name in enumerate("ABC"[:k])}
+
+
+def two_channel_input(batch: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, 2, 12, 12, generator=torch.Generator().manual_seed(seed))
+
+
+def test_grouped_conv_keeps_its_group_structure():
+    models = grouped_models()
+    x = two_channel_input(4, 1)
+    layers = pamfx.organise_layers(models, x)
+    assert "grouped.0" in layers.names  # a grouped conv opens a neuron layer like a dense one
+    merged = pamfx.merge(models, x, "origin", layers=layers).eval()
+    for task, model in models.items():
+        assert (merged(x)[task] - model(x)).abs().max().item() <= 1e-5
+    emitted = pamfx.emit(merged, "A")
+    convs = [m for m in emitted.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert {m.groups for m in convs} == {2, 4}  # task A alone runs its own grouped convs
+    assert pamfx.cost(merged, "A").flops == pamfx.cost(models["A"], example_input=x).flops
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(k=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
+def test_grouped_conv_random_groupings_emit_equals_merged(k, seed):
+    models = grouped_models(k)
+    layers = pamfx.organise_layers(models, two_channel_input(2, 0))
+    merged = pamfx.merge(models, two_channel_input(2, 0), pamfx.Grouping.random(layers, seed=seed), layers=layers)
+    check_all_combinations(perturb(merged, seed).eval(), layers, inputs=(two_channel_input(1, 3), two_channel_input(4, 4)))
+
+
+def test_grouped_conv_survives_channel_selection():
+    models = grouped_models(3)
+    x = two_channel_input(2, 0)
+    layers = pamfx.organise_layers(models, x)
+    merged = perturb(pamfx.merge(models, x, pamfx.Grouping.random(layers, seed=1), layers=layers), 1).eval()
+    keep = {name: list(range(0, layers[name].width, 2)) for name in ("grouped.0", "reduce.0")}
+    pruned = pamfx.select_channels(merged, keep).eval()
+    check_all_combinations(pruned, layers, inputs=(two_channel_input(1, 3), two_channel_input(4, 4)))
+
+
 class ChannelScale(nn.Module):
     """A user's op pamfx does not know: a learned per-channel scale."""
 
@@ -259,3 +318,11 @@ def test_register_channel_rule_checks_its_targets():
         pamfx.register_channel_rule()
     with pytest.raises(pamfx.InputError, match="not an nn.Module"):
         pamfx.register_channel_rule(int)
+
+
+def test_shared_weights_refuse_a_grouped_conv_by_name():
+    models = grouped_models()
+    x = two_channel_input(2, 0)
+    merged = pamfx.sort_channels(pamfx.merge(models, x, "shared"))
+    with pytest.raises(pamfx.InputError, match="node 'stem_0'.*grouped conv"):
+        pamfx.emit(merged, "A", share_weights=True)

@@ -188,16 +188,20 @@ class OpCall:
         self.spaces.residual(self.node, *self.inputs)
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A conv with one group per channel (channel c reads only input channel c)."""
+    return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels == module.out_channels
+
+
 # -- pamfx's own rules ------------------------------------------------------------------------------
 
 @register_channel_rule(nn.Conv2d)
 def _conv2d(op: OpCall) -> None:
-    conv: nn.Conv2d = op.module
-    if op.node.meta.get(META_DEPTHWISE) or (conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels):
+    """Depthwise: channel-wise. Dense or grouped (ResNeXt, RegNet): a dense op; merging keeps a
+    grouped conv's block structure as a connection mask and emit runs it as grouped convs."""
+    if op.node.meta.get(META_DEPTHWISE) or is_depthwise(op.module):
         return op.channelwise()
-    if conv.groups == 1:
-        return op.dense(conv.out_channels)
-    raise op.refuse(f"grouped conv (groups={conv.groups}) that is neither dense nor depthwise is not supported")
+    op.dense(op.module.out_channels)
 
 
 @register_channel_rule(nn.Linear)

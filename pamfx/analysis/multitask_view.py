@@ -18,7 +18,7 @@ from pamfx.analysis.layer_organisation import GraphLayers, organise_graph
 from pamfx.errors import PamfxError
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.grouping import Grouping
-from pamfx.ir.neuron_layer import META_HEAD, META_LAYER, META_MASK, META_TASKS, LayerTaskSets
+from pamfx.ir.neuron_layer import META_CONV_GROUPS, META_HEAD, META_LAYER, META_MASK, META_TASKS, LayerTaskSets
 from pamfx.ir.task_set import TaskSet, TaskSpace, subset_matrix
 
 
@@ -86,6 +86,11 @@ def read_multitask(gm: fx.GraphModule) -> MultitaskView:
         if info.role == Role.DENSE:
             in_width = node.meta[META_MASK].shape[1] if META_MASK in node.meta else -1
             expected = view.rule_mask(info.layer, info.source, in_width)
+            if META_CONV_GROUPS in node.meta:  # a grouped conv: group g reads group g only
+                out_ids, in_ids = node.meta[META_CONV_GROUPS]
+                if out_ids.shape != expected.shape[:1] or in_ids.shape != expected.shape[1:]:
+                    raise IRError(f"node {name!r}: its pamfx_conv_groups do not match its {tuple(expected.shape)} mask")
+                expected = expected & (out_ids[:, None] == in_ids[None, :])
         elif info.role == Role.HEAD:
             if node.meta.get(META_HEAD) != info.task:
                 raise IRError(f"head {name!r} of task {info.task!r} carries no or a wrong pamfx_head record")

@@ -41,7 +41,7 @@ from pamfx.codegen.fusion import FusionCostModel
 from pamfx.errors import InputError
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
-from pamfx.ir.neuron_layer import META_MASK
+from pamfx.ir.neuron_layer import META_CONV_GROUPS, META_MASK
 from pamfx.ir.task_set import TaskSet, is_subset
 from pamfx.passes.module_surgery import attr_name, channel_tensors, rebuild
 
@@ -315,19 +315,64 @@ class _Emitter:
         """One conv / linear per active output group over its allowed input groups (τ_out ⊆ τ_in)."""
         module = self.modules[node.target]
         x = self.env[node.args[0].name]
+        conv_groups = node.meta.get(META_CONV_GROUPS)
+        if conv_groups is not None and self.share:
+            raise InputError(f"node {node.name!r}: share_weights cannot emit a grouped conv (its weights are gathered per group)")
         out: dict[TaskSet, fx.Node] = {}
         for task_set, idx in groups.items():
             rows = self.contiguous(idx)
             bias = None if module.bias is None else self.tensor(module.bias, rows)
             if not isinstance(x, _Grouped):
-                weight = self.tensor(module.weight, rows)
-                parts = [(x, weight)]
+                nodes, cols = [x], [list(range(module.weight.shape[1]))]
             else:
                 nodes, cols = self.inputs(x, self.allowed(x, task_set), self.view.layers.nodes[node.args[0].name].block)
-                parts = self.dense_parts(module, rows, nodes, cols)
-            group = self.dense_group(node, module, parts, bias, task_set, len(idx))
+            if conv_groups is not None and nodes:
+                group = self.grouped_conv(node, module, idx, nodes, cols, bias, task_set)
+            else:
+                parts = [(x, self.tensor(module.weight, rows))] if not isinstance(x, _Grouped) else self.dense_parts(module, rows, nodes, cols)
+                group = self.dense_group(node, module, parts, bias, task_set, len(idx))
             out[task_set] = self.tag(group, info.layer, task_set, idx)
         return _Grouped(info.layer, out)
+
+    def grouped_conv(self, node: fx.Node, module: nn.Module, idx: list[int], nodes: list[fx.Node], cols: list[list[int]], bias, task_set: TaskSet) -> fx.Node:
+        """One output group of a merged grouped conv: each conv group's rows from that group's
+        allowed columns, conv groups with equal row and column counts run as one grouped conv,
+        rows whose conv group has no allowed column are their bias; then back in ``idx`` order."""
+        out_ids, in_ids = node.meta[META_CONV_GROUPS]
+        flat = [c for cs in cols for c in cs]
+        rows_of: dict[int, list[int]] = {}  # conv group -> positions in idx
+        cols_of: dict[int, list[int]] = {}  # conv group -> positions in flat
+        for p, r in enumerate(idx):
+            rows_of.setdefault(int(out_ids[r]), []).append(p)
+        for q, c in enumerate(flat):
+            cols_of.setdefault(int(in_ids[c]), []).append(q)
+        buckets: dict[tuple[int, int], list[int]] = {}
+        constant: list[int] = []
+        for g, positions in rows_of.items():
+            if g in cols_of:
+                buckets.setdefault((len(positions), len(cols_of[g])), []).append(g)
+            else:
+                constant += positions
+        x, base = self.cat(nodes), f"{node.target}.{self.label(task_set)}"
+        pieces, order = [], []
+        for conv_groups in buckets.values():
+            out_pos = [p for g in conv_groups for p in rows_of[g]]
+            in_pos = [q for g in conv_groups for q in cols_of[g]]
+            weight = torch.cat([self.tensor(self.tensor(module.weight, [idx[p] for p in rows_of[g]]), [flat[q] for q in cols_of[g]], dim=1) for g in conv_groups])
+            conv = rebuild(module, groups=len(conv_groups), weight=weight, bias=None if bias is None else bias[out_pos])
+            x_in = x if in_pos == list(range(len(flat))) else self.graph.call_function(torch.index_select, (x, 1, self.add_index(f"{base}.in", in_pos)))
+            pieces.append(self.graph.call_module(self.add_module(base, conv), (x_in,)))
+            order += out_pos
+        if constant:
+            spatial = tuple(node.meta["tensor_meta"].shape[2:])
+            constant_channels = ConstantChannels(None if bias is None else bias[constant], len(constant), spatial)
+            pieces.append(self.graph.call_module(self.add_module(base, constant_channels), (self.input,)))
+            order += constant
+        result = self.cat(pieces)
+        if order == list(range(len(idx))):
+            return result
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        return self.graph.call_function(torch.index_select, (result, 1, self.add_index(f"{base}.order", inverse)))
 
     def dense_parts(self, module: nn.Module, rows, nodes: list[fx.Node], cols: list[list[int]]) -> list[tuple[fx.Node, torch.Tensor]]:
         weight = self.tensor(module.weight, rows)

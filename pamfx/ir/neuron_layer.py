@@ -138,3 +138,4 @@ META_MASK = "pamfx_mask"
 META_HEAD = "pamfx_head"
 META_TASKS = "pamfx_tasks"
 META_DEPTHWISE = "pamfx_depthwise"
+META_CONV_GROUPS = "pamfx_conv_groups"  # (out group ids, in group ids) of a merged grouped conv

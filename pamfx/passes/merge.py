@@ -22,6 +22,7 @@ from pamfx.frontend import shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
 from pamfx.ir.grouping import Grouping
 from pamfx.ir.neuron_layer import (
+    META_CONV_GROUPS,
     META_DEPTHWISE,
     META_HEAD,
     META_LAYER,
@@ -32,7 +33,7 @@ from pamfx.ir.neuron_layer import (
     NeuronLayer,
 )
 from pamfx.ir.task_set import is_subset, subset_matrix
-from pamfx.passes.module_surgery import attr_name, channel_tensors, expand_mask, rebuild
+from pamfx.passes.module_surgery import attr_name, channel_tensors, dense_conv_weight, expand_mask, group_ids, rebuild
 
 
 def resolve_grouping(grouping: Grouping | str, layers: LayerMap) -> Grouping:
@@ -118,11 +119,18 @@ class _Merger:
         return self.by_name[layer].structures[self.first]
 
     def dense(self, i: int, tnode: fx.Node, info: NodeInfo) -> fx.Node:
-        """A conv / linear producer of layer ``info.layer`` reading ``info.source`` (or X)."""
+        """A conv / linear producer of layer ``info.layer`` reading ``info.source`` (or X).
+
+        A grouped conv becomes a dense one whose connection mask also holds its group structure:
+        merged output channel o of conv group g reads input channels of conv group g only (of any
+        task, under the connection rule); the group of every row and column is kept in
+        ``node.meta["pamfx_conv_groups"]`` for emit.
+        """
         out_rec = self.records[info.layer]
         mods = {t: self.module(t, i) for t in self.tasks}
         ref = mods[self.first]
-        in_width = ref.weight.shape[1] if info.source is None else self.records[info.source].width
+        weights = {t: dense_conv_weight(m) if isinstance(m, nn.Conv2d) else m.weight.detach() for t, m in mods.items()}
+        in_width = weights[self.first].shape[1] if info.source is None else self.records[info.source].width
         in_block = self.infos[self.first][tnode.args[0].name].block
         shape = (out_rec.width, in_width * in_block) + tuple(ref.weight.shape[2:])
         weight = ref.weight.new_zeros(shape)
@@ -130,17 +138,26 @@ class _Merger:
         for t, m in mods.items():
             rows = self.channels(info.layer, t)
             cols = slice(None) if info.source is None else self.channels(info.source, t, in_block)
-            weight[rows, cols] = m.weight.detach()
+            weight[rows, cols] = weights[t]
             if bias is not None:
                 bias[rows] = m.bias.detach()
         if info.source is None:
             mask = torch.ones(out_rec.width, in_width, dtype=torch.bool)
         else:
             mask = subset_matrix(out_rec.task_sets, self.records[info.source].task_sets)
+        conv_groups = getattr(ref, "groups", 1)
+        if conv_groups > 1:
+            out_ids = torch.cat([group_ids(m.out_channels, conv_groups) for m in mods.values()])
+            in_ids = group_ids(in_width, conv_groups) if info.source is None else torch.cat(
+                [group_ids(m.in_channels, conv_groups) for m in mods.values()]
+            )
+            mask &= out_ids[:, None] == in_ids[None, :]
         weight = weight * expand_mask(mask, weight, in_block)
-        self.modules[tnode.target] = rebuild(ref, weight=weight, bias=bias)
+        self.modules[tnode.target] = rebuild(ref, groups=1 if conv_groups > 1 else None, weight=weight, bias=bias)
         node = self.copy_node(tnode, self.trunk)
         node.meta[META_MASK] = mask
+        if conv_groups > 1:
+            node.meta[META_CONV_GROUPS] = (out_ids, in_ids)
         return node
 
     def channelwise_module(self, i: int, tnode: fx.Node, info: NodeInfo) -> fx.Node:

@@ -20,7 +20,7 @@ from pamfx.analysis.multitask_view import read_multitask
 from pamfx.errors import InputError
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
-from pamfx.ir.neuron_layer import META_LAYER, META_MASK
+from pamfx.ir.neuron_layer import META_CONV_GROUPS, META_LAYER, META_MASK
 from pamfx.passes.module_surgery import channel_tensors, rebuild
 
 
@@ -86,6 +86,12 @@ def select_channels(gm: fx.GraphModule, keep: Mapping[str, Sequence[int]]) -> fx
             _set_module(new, node.target, rebuild(module, **tensors))
         if mask is not None:
             node.meta[META_MASK] = mask
+        if META_CONV_GROUPS in node.meta:
+            out_ids, in_ids = node.meta[META_CONV_GROUPS]
+            node.meta[META_CONV_GROUPS] = (
+                out_ids.index_select(0, index[info.layer]) if info.layer in index else out_ids,
+                in_ids.index_select(0, index[info.source]) if info.source in index else in_ids,
+            )
     return shape_propagate(new, example_from_meta(gm))
 
 
