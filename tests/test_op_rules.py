@@ -326,3 +326,30 @@ def test_shared_weights_refuse_a_grouped_conv_by_name():
     merged = pamfx.sort_channels(pamfx.merge(models, x, "shared"))
     with pytest.raises(pamfx.InputError, match="node 'stem_0'.*grouped conv"):
         pamfx.emit(merged, "A", share_weights=True)
+
+
+class Inception(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(1, 3, 1), nn.Conv2d(1, 2, 3, padding=1), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], 1).mean((2, 3)))
+
+
+class ChannelsLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(1, 4, 3), nn.LayerNorm(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [(Inception, r"node 'cat' .*in the root module: concatenation"), (ChannelsLast, r"node 'permute' .*channel dimension")],
+)
+def test_unsupported_families_are_refused_with_their_cause(model, match):
+    with pytest.raises(pamfx.UnsupportedOpError, match=match):
+        pamfx.organise_layers({"A": model(), "B": model()}, example_input())

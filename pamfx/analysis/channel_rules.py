@@ -262,6 +262,22 @@ def _sum(op: OpCall) -> None:
     op.residual()
 
 
+@register_channel_rule(torch.cat, torch.concat, torch.concatenate)
+def _concatenate(op: OpCall) -> None:
+    raise op.refuse(
+        "concatenation (DenseNet, Inception) is not supported: the concatenated layer's channels would "
+        "be the union of several neuron layers, and merge / emit / pruning work on one layer at a time"
+    )
+
+
+@register_channel_rule(torch.permute, torch.transpose, "permute", "transpose")
+def _permute(op: OpCall) -> None:
+    raise op.refuse(
+        "moving the channel dimension (ConvNeXt's channels-last LayerNorm, channel shuffle) is not "
+        "supported: pamfx keeps channels on dim 1"
+    )
+
+
 @register_channel_rule(DiagonalConnection)
 def _diagonal(op: OpCall) -> None:
     op.spaces.diagonal(op.node, op.only_input())
