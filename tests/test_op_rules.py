@@ -251,6 +251,82 @@ def test_grouped_conv_survives_channel_selection():
     check_all_combinations(pruned, layers, inputs=(two_channel_input(1, 3), two_channel_input(4, 4)))
 
 
+class Inception(nn.Module):
+    """GoogLeNet-style: four branches concatenated, twice; the second block also pools a branch."""
+
+    def __init__(self, c: int, classes: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.b1 = nn.Conv2d(c, c, 1)
+        self.b2 = nn.Sequential(nn.Conv2d(c, c // 2, 1), nn.ReLU(), nn.Conv2d(c // 2, c, 3, padding=1))
+        self.b3 = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(c, c // 2, 1))
+        self.c1 = nn.Conv2d(5 * c // 2, c, 1)
+        self.c2 = nn.Conv2d(5 * c // 2, c, 3, padding=1)
+        self.head = nn.Linear(2 * c, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.relu(torch.cat([self.b1(x), self.b2(x), self.b3(x)], 1))
+        z = torch.cat(tensors=[self.c1(y), self.c2(y)], dim=1)
+        return self.head(nn.functional.adaptive_avg_pool2d(z, 1).flatten(1))
+
+
+class Dense(nn.Module):
+    """DenseNet-style: every layer reads BatchNorm-ReLU of the concatenation of all earlier features."""
+
+    def __init__(self, c: int, growth: int, classes: int):
+        super().__init__()
+        widths = [c + k * growth for k in range(3)]
+        self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(w) for w in widths)
+        self.convs = nn.ModuleList(nn.Conv2d(w, growth, 3, padding=1) for w in widths)
+        self.head = nn.Linear(c + 3 * growth, classes)
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for norm, conv in zip(self.norms, self.convs):
+            features.append(conv(torch.relu(norm(torch.cat(features, 1)))))
+        return self.head(torch.cat(features, 1).mean((2, 3)))
+
+
+def concat_models(kind: str, k: int = 2) -> dict[str, nn.Module]:
+    torch.manual_seed(4)
+    sizes = {"inception": [(6, 3), (4, 2), (8, 4)], "dense": [(4, 3, 3), (3, 2, 2), (5, 2, 4)]}[kind]
+    build = Inception if kind == "inception" else Dense
+    return {name: randomise(build(*sizes[i]), i) for i, name in enumerate("ABC"[:k])}
+
+
+@pytest.mark.parametrize("kind", ["inception", "dense"])
+def test_concatenation_origin_reproduces_each_model(kind):
+    models = concat_models(kind)
+    layers = pamfx.organise_layers(models, example_input())
+    cat = next(layer for layer in layers if layer.name.startswith("cat"))
+    assert cat.structures["A"].producers == () and len(cat.structures["A"].shortcuts) >= 2
+    assert cat.widths()["A"] == sum(layers[src].widths()["A"] for _, src in cat.structures["A"].shortcuts)
+    merged = pamfx.merge(models, example_input(), "origin", layers=layers).eval()
+    x = example_input(batch=4, seed=7)
+    for task, model in models.items():
+        assert (merged(x)[task] - model(x)).abs().max().item() <= 1e-5
+    assert set(pamfx.read_multitask(merged).records) == set(layers.names)  # the merged network keeps the names
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["inception", "dense"]), k=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
+def test_concatenation_random_groupings_emit_equals_merged(kind, k, seed):
+    models = concat_models(kind, k)
+    layers = pamfx.organise_layers(models, example_input())
+    merged = perturb(pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=seed), layers=layers), seed)
+    check_all_combinations(merged.eval(), layers)
+
+
+def test_concatenation_survives_channel_selection():
+    models = concat_models("dense", 3)
+    layers = pamfx.organise_layers(models, example_input())
+    merged = perturb(pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=2), layers=layers), 2).eval()
+    keep = {name: list(range(1, layers[name].width, 2)) for name in layers.names[:3]}
+    check_all_combinations(pamfx.select_channels(merged, keep).eval(), layers)
+
+
 class ChannelScale(nn.Module):
     """A user's op pamfx does not know: a learned per-channel scale."""
 
@@ -328,13 +404,13 @@ def test_shared_weights_refuse_a_grouped_conv_by_name():
         pamfx.emit(merged, "A", share_weights=True)
 
 
-class Inception(nn.Module):
+class SpatialCat(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.head = nn.Conv2d(1, 3, 1), nn.Conv2d(1, 2, 3, padding=1), nn.Linear(5, 2)
+        self.a, self.b, self.head = nn.Conv2d(1, 3, 1), nn.Conv2d(1, 3, 3, padding=1), nn.Linear(3, 2)
 
     def forward(self, x):
-        return self.head(torch.cat([self.a(x), self.b(x)], 1).mean((2, 3)))
+        return self.head(torch.cat([self.a(x), self.b(x)], 2).mean((2, 3)))
 
 
 class ChannelsLast(nn.Module):
@@ -348,7 +424,7 @@ class ChannelsLast(nn.Module):
 
 @pytest.mark.parametrize(
     "model, match",
-    [(Inception, r"node 'cat' .*in the root module: concatenation"), (ChannelsLast, r"node 'permute' .*channel dimension")],
+    [(SpatialCat, r"node 'cat' .*in the root module: concatenates along dim 2"), (ChannelsLast, r"node 'permute' .*channel dimension")],
 )
 def test_unsupported_families_are_refused_with_their_cause(model, match):
     with pytest.raises(pamfx.UnsupportedOpError, match=match):

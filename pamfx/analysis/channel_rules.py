@@ -19,9 +19,13 @@ exactly one of its verbs:
 - `OpCall.residual()`: an elementwise sum / difference of tensors of *different* spaces (a
   residual block, Sec. 4.5.3); the organiser decides which operands become producers of the layer
   after the addition and which become identity shortcuts. Operands of one space: channel-wise.
+- `OpCall.concat()`: ``torch.cat(tensors, 1)`` (DenseNet, Inception): a new neuron layer whose
+  channels are the union of the operands' channels, fed channel to channel by identity (diagonal)
+  connections from the operands' layers, so its channels have task sets of their own.
 - `OpCall.refuse(why)`: an `UnsupportedOpError` naming the node, its submodule and ``why``.
 
-pamfx's own rules below use the same registry; a user teaches pamfx a new op the same way::
+pamfx's own rules below use the same registry (``docs/op_rules.md`` describes them); a user
+teaches pamfx a new op the same way::
 
     @pamfx.register_channel_rule(MyScale)
     def _(op):
@@ -58,6 +62,7 @@ class Role(str, Enum):
     CHANNELWISE = "channelwise"  # per-channel op inside a layer (sliced along with its channels)
     FLATTEN = "flatten"  # [N, C, H, W] -> [N, C·H·W]
     RESIDUAL = "residual"  # the addition after which a residual block's layer lies (Sec. 4.5.3)
+    CONCAT = "concat"  # a concatenation: a layer fed by identity connections from its operands' layers
     SHORTCUT = "shortcut"  # a DiagonalConnection of a merged network
     HEAD = "head"  # a task's output op
     META = "meta"  # a non-tensor value (a shape, a size)
@@ -180,6 +185,17 @@ class OpCall:
             raise self.refuse(f"an elementwise product must combine two tensors, this one reads {len(self.inputs)}")
         self.spaces.product(self.node, *self.inputs)
 
+    def concat(self) -> None:
+        tensors, dim = self.argument(0, "tensors"), self.argument(1, "dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
+            raise self.refuse("concatenates something other than a list of tensors")
+        rank = len(self.node.meta["tensor_meta"].shape)
+        if dim % rank != 1:
+            raise self.refuse(f"concatenates along dim {dim}, not the channel dimension 1")
+        if len(tensors) == 1:
+            return self.channelwise()
+        self.spaces.concat(self.node, list(tensors))
+
     def residual(self) -> None:
         if self.same_space():
             return self.channelwise()
@@ -264,10 +280,7 @@ def _sum(op: OpCall) -> None:
 
 @register_channel_rule(torch.cat, torch.concat, torch.concatenate)
 def _concatenate(op: OpCall) -> None:
-    raise op.refuse(
-        "concatenation (DenseNet, Inception) is not supported: the concatenated layer's channels would "
-        "be the union of several neuron layers, and merge / emit / pruning work on one layer at a time"
-    )
+    op.concat()
 
 
 @register_channel_rule(torch.permute, torch.transpose, "permute", "transpose")

@@ -29,7 +29,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from pamfx.analysis.channel_rules import OpCall, Role, describe, rule_for, target_name
 from pamfx.errors import InputError, UnsupportedOpError
 from pamfx.ir.diagonal import DiagonalConnection
-from pamfx.ir.neuron_layer import Consumer, LayerStructure
+from pamfx.ir.neuron_layer import META_LAYER, Consumer, LayerStructure
 
 @dataclass(frozen=True)
 class NodeInfo:
@@ -346,6 +346,22 @@ class ChannelSpaces:
                 layer = self.join(layer, space)
         self.enter(layer, node, Role.CHANNELWISE)
 
+    def concat(self, node: fx.Node, operands: list[fx.Node]) -> None:
+        """``torch.cat(operands, 1)``: a new layer fed by an identity shortcut from each operand's
+        layer, in operand order (its channels are the union of theirs)."""
+        if len(set(operands)) != len(operands):
+            raise self.unsupported(node, "concatenates one tensor several times")
+        for x in operands:
+            if x.name in self.pending:
+                raise self.unsupported(node, "a diagonal connection must feed a residual add directly")
+            if self.value[x.name][1] != 1 or shape_of(x)[2:] != shape_of(node)[2:]:
+                raise self.unsupported(node, f"concatenates a flattened or differently shaped tensor {x.name!r}")
+            if self.space_of(x).is_input:
+                raise self.unsupported(node, "a concatenation that reads the model input directly is not supported")
+        layer = self.new_space(shape_of(node)[1], node.name)
+        layer.shortcuts += [(node.name, self.space_id(x)) for x in operands]
+        self.enter(layer, node, Role.CONCAT)
+
     # -- heads and results ---------------------------------------------------------------------
     def outputs(self) -> dict[str, fx.Node]:
         (ret,) = self.output.args
@@ -406,8 +422,12 @@ class ChannelSpaces:
         return GraphLayers(layers, self.node_infos(names, head_spaces, head_of_node), heads)
 
     def layer_name(self, space: _Space, taken: set[str]) -> str:
+        """The layer's origin module path, or submodule path + function name; a merged network's
+        layer keeps the name its pamfx_layer record was made under."""
         node = self.by_name[space.origin_node]
-        if node.op == "call_module":
+        if META_LAYER in node.meta:
+            base = node.meta[META_LAYER].name
+        elif node.op == "call_module":
             base = str(node.target)
         else:
             stack = node.meta.get("nn_module_stack") or {}

@@ -203,10 +203,10 @@ class _Emitter:
 
         if info.role == Role.FLATTEN:
             return self.graph.call_function(torch.flatten, (arg_map(node.args[0]), 1))
-        shortcut = next((n for n in node.all_input_nodes if isinstance(self.env.get(n.name), _Shortcut)), None)
-        if info.role == Role.RESIDUAL and shortcut is not None:
-            base = next(arg_map(n) for n in node.all_input_nodes if n is not shortcut)
-            substitute[shortcut] = self.shortcut_group(self.env[shortcut.name], base, task_set, idx, info.layer)
+        if info.role == Role.RESIDUAL:
+            for n in node.all_input_nodes:
+                if isinstance(self.env.get(n.name), _Shortcut):
+                    substitute[n] = self.shortcut_group(self.env[n.name], node, task_set, idx, info.layer)
         if node.op == "call_module":
             module = self.modules[node.target]
             tensors = channel_tensors(module)
@@ -219,16 +219,17 @@ class _Emitter:
             return self.graph.call_module(name, fx.map_arg(node.args, arg_map), fx.map_arg(node.kwargs, arg_map))
         return self.graph.create_node(node.op, node.target, fx.map_arg(node.args, arg_map), fx.map_arg(node.kwargs, arg_map))
 
-    def shortcut_group(self, sc: _Shortcut, base: fx.Node, task_set: TaskSet, idx: list[int], layer: str) -> fx.Node:
-        """The identity shortcut's value on one group: its allowed channels that land in the group,
-        gathered from the source's active groups, and 0 on the group's other channels."""
+    def shortcut_group(self, sc: _Shortcut, node: fx.Node, task_set: TaskSet, idx: list[int], layer: str) -> fx.Node:
+        """The identity shortcut's value on one group of ``node``'s layer: its allowed channels that
+        land in the group, gathered from the source's active groups, and 0 on the group's other channels."""
         position = {c: p for p, c in enumerate(idx)}
         src_groups = sc.source.nodes
         src_order = [c for t in src_groups for c in self.view.groups(sc.source.layer, self.combo)[t]]
         src_position = {c: p for p, c in enumerate(src_order)}
         pairs = [(src_position[s], position[d]) for s, d in zip(sc.src, sc.dst) if d in position]
         if not pairs:
-            return self.graph.call_function(torch.zeros_like, (base,))
+            zeros = ConstantChannels(None, len(idx), tuple(node.meta["tensor_meta"].shape[2:]))
+            return self.graph.call_module(self.add_module(f"{layer}.shortcut.{self.label(task_set)}", zeros), (self.input,))
         source = self.cat(list(src_groups.values()))
         src, dst = [p for p, _ in pairs], [q for _, q in pairs]
         if dst == list(range(len(idx))):

@@ -9,6 +9,7 @@ forward returns ``{task: output}``. The grouping and masks are kept in ``node.me
 """
 from __future__ import annotations
 
+import operator
 from typing import Mapping
 
 import torch
@@ -111,6 +112,8 @@ class _Merger:
             return self.graph.call_function(torch.flatten, (self.trunk(tnode.args[0]), 1))
         if info.role == Role.RESIDUAL and any(n == tnode.name for n, _ in self.structure(info.layer).shortcuts):
             return self.residual_add(tnode, info)
+        if info.role == Role.CONCAT:
+            return self.concat(tnode, info)
         if tnode.op == "call_module":
             return self.channelwise_module(i, tnode, info)
         return self.copy_node(tnode, self.trunk)
@@ -196,6 +199,32 @@ class _Merger:
             return shortcut
 
         return self.copy_node(tnode, arg_map)
+
+    def concat(self, tnode: fx.Node, info: NodeInfo) -> fx.Node:
+        """``torch.cat(operands, 1)`` becomes the sum of one `DiagonalConnection` per operand: the
+        operand's channel j of task t feeds the layer's channel (t, offset + j) where allowed."""
+        layer, dst_rec = self.by_name[info.layer], self.records[info.layer]
+        sources = [src for n, src in self.structure(info.layer).shortcuts if n == tnode.name]
+        operands = tnode.args[0] if tnode.args else tnode.kwargs["tensors"]
+        offsets = {t: layer.offset(t) for t in self.tasks}
+        total = None
+        for k, (operand, src) in enumerate(zip(operands, sources)):
+            src_layer, src_rec = self.by_name[src], self.records[src]
+            pairs = []
+            for t in self.tasks:
+                for j in range(src_layer.widths()[t]):
+                    s, d = src_layer.offset(t) + j, offsets[t] + j
+                    if is_subset(dst_rec.task_sets[d], src_rec.task_sets[s]):
+                        pairs.append((s, d))
+                offsets[t] += src_layer.widths()[t]
+            target = f"pamfx_shortcuts.{attr_name(tnode.name)}_{k}"
+            self.modules[target] = DiagonalConnection(
+                torch.tensor([s for s, _ in pairs], dtype=torch.long), torch.tensor([d for _, d in pairs], dtype=torch.long), dst_rec.width
+            )
+            part = self.graph.call_module(target, (self.trunk(operand),))
+            total = part if total is None else self.graph.call_function(operator.add, (total, part))
+            part.meta[META_LAYER] = total.meta[META_LAYER] = dst_rec
+        return total
 
     def head_chain(self, i: int, tnode: fx.Node, info: NodeInfo) -> None:
         """The head and the ops after it, once per task, each from that task's own network."""
