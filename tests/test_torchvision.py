@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pamfx
+from tests.conftest import randomise
 from tests.test_emit import flop_counter_flops
 
 try:
@@ -20,13 +21,7 @@ pamfx.register_channel_rule(torchvision.ops.stochastic_depth)(lambda op: op.chan
 
 def build(name: str, classes: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)(weights=None, num_classes=classes)
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
+    return randomise(getattr(torchvision.models, name)(weights=None, num_classes=classes), seed)
 
 
 def relative(value: torch.Tensor, reference: torch.Tensor) -> float:

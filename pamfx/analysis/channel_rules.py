@@ -179,11 +179,7 @@ class OpCall:
         self.spaces.flatten(self.node, self.only_input())
 
     def product(self) -> None:
-        if self.same_space():
-            return self.channelwise()
-        if len(self.inputs) != 2:
-            raise self.refuse(f"an elementwise product must combine two tensors, this one reads {len(self.inputs)}")
-        self.spaces.product(self.node, *self.inputs)
+        self.combine(self.spaces.product, "an elementwise product")
 
     def concat(self) -> None:
         tensors, dim = self.argument(0, "tensors"), self.argument(1, "dim", 0)
@@ -197,11 +193,15 @@ class OpCall:
         self.spaces.concat(self.node, list(tensors))
 
     def residual(self) -> None:
+        self.combine(self.spaces.residual, "a residual sum")
+
+    def combine(self, join: Callable[[fx.Node, fx.Node, fx.Node], None], what: str) -> None:
+        """Two operands of one space: channel-wise; of two spaces: ``join`` them."""
         if self.same_space():
             return self.channelwise()
         if len(self.inputs) != 2:
-            raise self.refuse(f"a residual op must combine two tensors, this one reads {len(self.inputs)}")
-        self.spaces.residual(self.node, *self.inputs)
+            raise self.refuse(f"{what} must combine two tensors, this one reads {len(self.inputs)}")
+        join(self.node, *self.inputs)
 
 
 def is_depthwise(module: nn.Module) -> bool:
