@@ -429,3 +429,20 @@ class ChannelsLast(nn.Module):
 def test_unsupported_families_are_refused_with_their_cause(model, match):
     with pytest.raises(pamfx.UnsupportedOpError, match=match):
         pamfx.organise_layers({"A": model(), "B": model()}, example_input())
+
+
+def test_merged_network_with_shortcuts_and_concatenations_retraces():
+    """Diagonal connections trace symbolically: fx.symbolic_trace and fx's conv-BN fuse take a merged network."""
+    from torch.fx.experimental.optimization import fuse
+
+    for models in (residual_models("alpha"), concat_models("dense")):
+        layers = pamfx.organise_layers(models, example_input())
+        merged = pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=5), layers=layers).eval()
+        x = example_input(batch=3, seed=8)
+        reference = merged(x)
+        retraced = torch.fx.symbolic_trace(merged)
+        assert any(n.op == "call_method" and n.target == "index_copy" for n in retraced.graph.nodes)  # traced through
+        fused = fuse(merged)
+        for task in reference:
+            assert torch.equal(retraced(x)[task], reference[task])
+            assert (fused(x)[task] - reference[task]).abs().max().item() <= 1e-5
