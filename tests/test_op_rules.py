@@ -13,6 +13,14 @@ from pamfx.ir.diagonal import DiagonalConnection
 from tests.conftest import example_input, perturb, randomise
 from tests.test_emit import check_all_combinations
 
+def randomly_merged(models: dict[str, nn.Module], seed: int, x: torch.Tensor | None = None):
+    """The models merged under a random grouping, every allowed weight moved off its merge-time value."""
+    x = example_input() if x is None else x
+    layers = pamfx.organise_layers(models, x)
+    merged = pamfx.merge(models, x, pamfx.Grouping.random(layers, seed=seed), layers=layers)
+    return perturb(merged, seed).eval(), layers
+
+
 RESIDUAL_FORMS = {
     "alpha": lambda out, x: torch.add(out, x, alpha=0.5),
     "keywords": lambda out, x: torch.add(input=out, other=x),
@@ -62,9 +70,8 @@ def test_residual_forms_origin_emit_reproduces_each_model(form):
 @given(form=st.sampled_from(sorted(RESIDUAL_FORMS)), seed=st.integers(0, 2**16))
 def test_residual_forms_random_groupings_emit_equals_merged(form, seed):
     models = residual_models(form)
-    layers = pamfx.organise_layers(models, example_input())
-    merged = perturb(pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=seed), layers=layers), seed)
-    check_all_combinations(merged.eval(), layers)
+    merged, layers = randomly_merged(models, seed)
+    check_all_combinations(merged, layers)
 
 
 @pytest.mark.parametrize("form", ["keywords", "keywords_alpha", "shortcut_first"])
@@ -168,15 +175,6 @@ def test_squeeze_excitation_gate_joins_the_layer_it_gates():
         assert (merged(x)[task] - model(x)).abs().max().item() <= 1e-5
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(k=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
-def test_squeeze_excitation_random_groupings_emit_equals_merged(k, seed):
-    models = se_models(k)
-    layers = pamfx.organise_layers(models, example_input())
-    merged = perturb(pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=seed), layers=layers), seed)
-    check_all_combinations(merged.eval(), layers)
-
-
 class SpatialAttention(nn.Module):
     def __init__(self):
         super().__init__()
@@ -235,17 +233,12 @@ def test_grouped_conv_keeps_its_group_structure():
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(k=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
 def test_grouped_conv_random_groupings_emit_equals_merged(k, seed):
-    models = grouped_models(k)
-    layers = pamfx.organise_layers(models, two_channel_input(2, 0))
-    merged = pamfx.merge(models, two_channel_input(2, 0), pamfx.Grouping.random(layers, seed=seed), layers=layers)
-    check_all_combinations(perturb(merged, seed).eval(), layers, inputs=(two_channel_input(1, 3), two_channel_input(4, 4)))
+    merged, layers = randomly_merged(grouped_models(k), seed, two_channel_input(2, 0))
+    check_all_combinations(merged, layers, inputs=(two_channel_input(1, 3), two_channel_input(4, 4)))
 
 
 def test_grouped_conv_survives_channel_selection():
-    models = grouped_models(3)
-    x = two_channel_input(2, 0)
-    layers = pamfx.organise_layers(models, x)
-    merged = perturb(pamfx.merge(models, x, pamfx.Grouping.random(layers, seed=1), layers=layers), 1).eval()
+    merged, layers = randomly_merged(grouped_models(3), 1, two_channel_input(2, 0))
     keep = {name: list(range(0, layers[name].width, 2)) for name in ("grouped.0", "reduce.0")}
     pruned = pamfx.select_channels(merged, keep).eval()
     check_all_combinations(pruned, layers, inputs=(two_channel_input(1, 3), two_channel_input(4, 4)))
@@ -310,19 +303,8 @@ def test_concatenation_origin_reproduces_each_model(kind):
     assert set(pamfx.read_multitask(merged).records) == set(layers.names)  # the merged network keeps the names
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(kind=st.sampled_from(["inception", "dense"]), k=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
-def test_concatenation_random_groupings_emit_equals_merged(kind, k, seed):
-    models = concat_models(kind, k)
-    layers = pamfx.organise_layers(models, example_input())
-    merged = perturb(pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=seed), layers=layers), seed)
-    check_all_combinations(merged.eval(), layers)
-
-
 def test_concatenation_survives_channel_selection():
-    models = concat_models("dense", 3)
-    layers = pamfx.organise_layers(models, example_input())
-    merged = perturb(pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=2), layers=layers), 2).eval()
+    merged, layers = randomly_merged(concat_models("dense", 3), 2)
     keep = {name: list(range(1, layers[name].width, 2)) for name in layers.names[:3]}
     check_all_combinations(pamfx.select_channels(merged, keep).eval(), layers)
 
@@ -446,3 +428,77 @@ def test_merged_network_with_shortcuts_and_concatenations_retraces():
         for task in reference:
             assert torch.equal(retraced(x)[task], reference[task])
             assert (fused(x)[task] - reference[task]).abs().max().item() <= 1e-5
+
+
+class Chain(nn.Module):
+    """conv-BN-ReLU layers of the given widths, a spatial mean and a linear head."""
+
+    def __init__(self, widths: list[int], classes: int):
+        super().__init__()
+        layers, c = [], 1
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+            c = w
+        self.features, self.head = nn.Sequential(*layers), nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def depth_models(k: int = 3) -> dict[str, nn.Module]:
+    torch.manual_seed(5)
+    specs = [([6, 5], 3), ([4, 3, 5, 2], 2), ([3, 4, 6], 4)]
+    return {name: randomise(Chain(*specs[i]), i) for i, name in enumerate("ABC"[:k])}
+
+
+def test_different_depths_share_the_shallower_layers_and_take_over_the_rest():
+    """Sec. 4.5.1 step 3: layers 1..N_A merged; the deeper networks' remaining layers taken over unmerged."""
+    models = depth_models()
+    layers = pamfx.organise_layers(models, example_input())
+    assert layers.names == ["features.0", "features.3"]  # N_A = 2 shared layers
+    assert layers.remainders["A"] == ("mean", "head")  # A takes over its output layer only
+    merged = pamfx.merge(models, example_input(), "origin", layers=layers).eval()
+    x = example_input(batch=4, seed=9)
+    for task, model in models.items():
+        assert (merged(x)[task] - model(x)).abs().max().item() <= 1e-5
+    records = pamfx.read_multitask(merged).records
+    assert set(records) == {"features.0", "features.3", "features.6[B]", "features.9[B]", "features.6[C]"}
+    assert set(records["features.9[B]"].task_sets) == {layers.tasks.bit("B")}  # B's own layers serve B alone
+    only_a = pamfx.emit(merged, "A")
+    assert pamfx.cost(only_a, example_input=x).flops == pamfx.cost(models["A"], example_input=x).flops
+
+
+def test_different_depths_with_residual_blocks_of_its_own_are_refused():
+    class Deeper(Chain):
+        def forward(self, x):
+            for m in list(self.features)[:6]:
+                x = m(x)
+            h = x
+            for m in list(self.features)[6:]:
+                x = m(x)
+            return self.head((x + h).mean((2, 3)))
+
+    models = {"A": Chain([4, 3], 2), "B": Deeper([4, 3, 3], 2)}
+    with pytest.raises(pamfx.MismatchError, match="differ at node 'mean' / 'features_6'"):
+        pamfx.organise_layers(models, example_input())
+
+
+FAMILIES = {
+    "squeeze_excitation": se_models,
+    "inception": lambda k: concat_models("inception", k),
+    "dense": lambda k: concat_models("dense", k),
+    "different_depths": depth_models,
+}
+
+
+@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(sorted(FAMILIES)), k=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
+def test_op_families_random_groupings_emit_equals_merged(family, k, seed):
+    merged, layers = randomly_merged(FAMILIES[family](k), seed)
+    check_all_combinations(merged, layers)
+
+
+def test_different_depths_survive_channel_selection():
+    merged, layers = randomly_merged(depth_models(3), 4)
+    keep = {"features.6[B]": [0, 2], "features.3": list(range(1, layers["features.3"].width, 2))}
+    check_all_combinations(pamfx.select_channels(merged, keep).eval(), layers)

@@ -89,6 +89,10 @@ class LayerMap:
     graphs: dict[str, fx.GraphModule]
     example_input: torch.Tensor
     heads: dict[str, str] = field(default_factory=dict)
+    remainders: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Networks of different depths (Sec. 4.5.1 step 3): per task, the nodes of its graph after
+    the prefix all networks share, taken over unmerged (its remaining layers and its head);
+    empty when the networks match op for op."""
 
     def __iter__(self) -> Iterator[NeuronLayer]:
         return iter(self.layers)

@@ -9,6 +9,7 @@ forward returns ``{task: output}``. The grouping and masks are kept in ``node.me
 """
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Mapping
 
@@ -55,7 +56,8 @@ class _Merger:
         self.layers = layers
         self.tasks = layers.tasks
         self.first = self.tasks.names[0]
-        self.infos = {t: organise_graph(layers.graphs[t], t, t).nodes for t in self.tasks}
+        self.organised = {t: organise_graph(layers.graphs[t], t, t) for t in self.tasks}
+        self.infos = {t: self.organised[t].nodes for t in self.tasks}
         self.nodes = {t: list(layers.graphs[t].graph.nodes) for t in self.tasks}
         self.records = {l.name: LayerTaskSets(l.name, grouping.masks(l.name), l.origins) for l in layers}
         self.by_name: dict[str, NeuronLayer] = {l.name: l for l in layers}
@@ -87,10 +89,15 @@ class _Merger:
 
     # -- the pass -----------------------------------------------------------------------------
     def build(self) -> fx.GraphModule:
+        taken_over = set(self.layers.remainders.get(self.first, ()))
         for i, tnode in enumerate(self.nodes[self.first]):
             info = self.infos[self.first].get(tnode.name)
             if tnode.op == "output":
+                for t in self.layers.remainders:
+                    self.take_over(t)
                 self.output(tnode)
+            elif tnode.name in taken_over:
+                continue
             elif info is not None and info.task is not None:
                 self.head_chain(i, tnode, info)
             else:
@@ -251,6 +258,45 @@ class _Merger:
                 rows = module.weight.shape[0]
                 env[tnode.name].meta[META_MASK] = self.head_mask(t, info.source)[None, :].repeat(rows, 1)
 
+    def take_over(self, task: str) -> None:
+        """Sec. 4.5.1 step 3, networks of different depths: ``task``'s ops after the prefix all
+        networks share, taken over unmerged — its own layers (every channel of task set {task}, the
+        first one reading the merged layer's channels that serve the task) and its head."""
+        graph, infos, bit = self.layers.graphs[task], self.infos[task], self.tasks.bit(task)
+        position = {n.name: i for i, n in enumerate(self.nodes[task])}
+        env = self.head_env[task]
+        records = {  # the layers of its own
+            l.name: LayerTaskSets(f"{l.name}[{task}]", (bit,) * l.width, tuple((task, j) for j in range(l.width)))
+            for l in self.organised[task].layers[len(self.by_name):]
+        }
+
+        def arg_map(n: fx.Node) -> fx.Node:
+            return env[n.name] if n.name in env else self.trunk(self.nodes[self.first][position[n.name]])
+
+        for tnode in self.nodes[task]:
+            if tnode.name not in self.layers.remainders[task]:
+                continue
+            info = infos.get(tnode.name)
+            name = f"{tnode.name}_{attr_name(task)}"
+            if tnode.op != "call_module":
+                env[tnode.name] = self.copy_node(tnode, arg_map, name=name)
+            else:
+                module = copy.deepcopy(graph.get_submodule(tnode.target))
+                dense = info is not None and info.role in (Role.DENSE, Role.HEAD)
+                if dense and info.source in self.by_name:  # reads a merged layer: its own channels, where they serve it
+                    module = self.head_module(module, task, info, infos[tnode.args[0].name].block)
+                target = f"{tnode.target}_{attr_name(task)}"
+                self.modules[target] = module
+                env[tnode.name] = self.copy_node(tnode, arg_map, target=target, name=name)
+                if dense:
+                    source = self.records.get(info.source) or records.get(info.source)
+                    serves = source.serves(bit) if source is not None else torch.ones(module.weight.shape[1], dtype=torch.bool)
+                    env[tnode.name].meta[META_MASK] = serves[None, :].repeat(module.weight.shape[0], 1)
+                if info is not None and info.role == Role.HEAD:
+                    env[tnode.name].meta[META_HEAD] = task
+            if info is not None and info.layer in records:
+                env[tnode.name].meta[META_LAYER] = records[info.layer]
+
     def head_mask(self, task: str, source: str) -> torch.Tensor:
         return self.records[source].serves(self.tasks.bit(task))
 
@@ -264,8 +310,8 @@ class _Merger:
         return rebuild(module, weight=weight, bias=None if module.bias is None else module.bias.detach())
 
     def output(self, tnode: fx.Node) -> None:
-        (ret,) = tnode.args
-        out = self.graph.output({t: self.head_env[t][ret.name] for t in self.tasks})
+        rets = {t: (self.nodes[t][-1] if t in self.layers.remainders else tnode).args[0] for t in self.tasks}
+        out = self.graph.output({t: self.head_env[t][ret.name] for t, ret in rets.items()})
         out.meta[META_TASKS] = self.tasks
 
 
