@@ -13,10 +13,10 @@ from pamfx.ir.diagonal import DiagonalConnection
 from tests.conftest import example_input, perturb, randomise
 from tests.test_emit import check_all_combinations
 
-def randomly_merged(models: dict[str, nn.Module], seed: int, x: torch.Tensor | None = None):
+def randomly_merged(models: dict[str, nn.Module], seed: int, x: torch.Tensor | None = None, unknown_ops: str = "refuse"):
     """The models merged under a random grouping, every allowed weight moved off its merge-time value."""
     x = example_input() if x is None else x
-    layers = pamfx.organise_layers(models, x)
+    layers = pamfx.organise_layers(models, x, unknown_ops=unknown_ops)
     merged = pamfx.merge(models, x, pamfx.Grouping.random(layers, seed=seed), layers=layers)
     return perturb(merged, seed).eval(), layers
 
@@ -502,3 +502,51 @@ def test_different_depths_survive_channel_selection():
     merged, layers = randomly_merged(depth_models(3), 4)
     keep = {"features.6[B]": [0, 2], "features.3": list(range(1, layers["features.3"].width, 2))}
     check_all_combinations(pamfx.select_channels(merged, keep).eval(), layers)
+
+
+class Unknown(nn.Module):
+    """Ops pamfx has no channel rule for: GroupNorm, a transposed conv, a softmax over channels."""
+
+    def __init__(self, c: int, h: int, classes: int):
+        super().__init__()
+        self.conv1, self.norm = nn.Conv2d(1, c, 3, padding=1), nn.GroupNorm(1, c)
+        self.up, self.conv2 = nn.ConvTranspose2d(c, h, 3, padding=1), nn.Conv2d(h, h, 1)
+        self.head = nn.Linear(h, classes)
+
+    def forward(self, x):
+        y = torch.softmax(self.up(torch.relu(self.norm(self.conv1(x)))), dim=1)
+        return self.head(torch.relu(self.conv2(y)).mean((2, 3)))
+
+
+def unknown_models(k: int) -> dict[str, nn.Module]:
+    torch.manual_seed(6)
+    sizes = [(5, 4, 3), (3, 6, 2), (4, 3, 2)]
+    return {name: randomise(Unknown(*sizes[i]), i) for i, name in enumerate("ABC"[:k])}
+
+
+def test_unknown_ops_are_refused_by_default_and_shared_on_request():
+    models = unknown_models(2)
+    with pytest.raises(pamfx.UnsupportedOpError, match="node 'norm' .*GroupNorm has no channel rule"):
+        pamfx.organise_layers(models, example_input())
+    with pytest.raises(pamfx.InputError, match="unknown_ops='guess'"):
+        pamfx.organise_layers(models, example_input(), unknown_ops="guess")
+    layers = pamfx.organise_layers(models, example_input(), unknown_ops="share")
+    assert layers.shared_layers == {"conv1", "norm", "up", "softmax"}  # what they touch, and what that reads
+    merged = pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=0), layers=layers).eval()
+    records = pamfx.read_multitask(merged).records
+    assert all(set(records[name].task_sets) == {layers.tasks.all} for name in layers.shared_layers)
+    x = example_input(batch=4, seed=3)
+    origin = pamfx.merge(models, example_input(), "origin", unknown_ops="share").eval()
+    for task, model in models.items():
+        assert (origin(x)[task] - model(x)).abs().max().item() <= 1e-5
+    with pytest.raises(pamfx.InputError, match=r"\['up'\] are read or written by an op without a channel rule"):
+        pamfx.select_channels(merged, {"up": [0, 1]})
+    check_all_combinations(pamfx.sort_channels(merged).eval(), layers)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(k=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
+def test_shared_unknown_ops_random_groupings_emit_equals_merged(k, seed):
+    """Emitted modules run each shared unknown op whole; cost counts its FLOPs as FlopCounterMode does."""
+    merged, layers = randomly_merged(unknown_models(k), seed, unknown_ops="share")
+    check_all_combinations(merged, layers)

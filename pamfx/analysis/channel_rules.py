@@ -22,6 +22,8 @@ exactly one of its verbs:
 - `OpCall.concat()`: ``torch.cat(tensors, 1)`` (DenseNet, Inception): a new neuron layer whose
   channels are the union of the operands' channels, fed channel to channel by identity (diagonal)
   connections from the operands' layers, so its channels have task sets of their own.
+- `OpCall.opaque()`: an op without a rule under ``unknown_ops="share"``: a new layer that may
+  read every channel of its input; merging shares it and what it reads among all tasks.
 - `OpCall.refuse(why)`: an `UnsupportedOpError` naming the node, its submodule and ``why``.
 
 pamfx's own rules below use the same registry (``docs/op_rules.md`` describes them); a user
@@ -49,6 +51,7 @@ from torch import fx, nn
 from pamfx.errors import InputError, UnsupportedOpError
 from pamfx.ir.diagonal import DiagonalConnection
 from pamfx.ir.neuron_layer import META_DEPTHWISE
+from pamfx.ir.task_slices import TaskSlices
 
 if TYPE_CHECKING:
     from pamfx.analysis.layer_organisation import ChannelSpaces
@@ -63,6 +66,7 @@ class Role(str, Enum):
     FLATTEN = "flatten"  # [N, C, H, W] -> [N, C·H·W]
     RESIDUAL = "residual"  # the addition after which a residual block's layer lies (Sec. 4.5.3)
     CONCAT = "concat"  # a concatenation: a layer fed by identity connections from its operands' layers
+    OPAQUE = "opaque"  # an op without a channel rule, merged as `TaskSlices` (``unknown_ops="share"``)
     SHORTCUT = "shortcut"  # a DiagonalConnection of a merged network
     HEAD = "head"  # a task's output op
     META = "meta"  # a non-tensor value (a shape, a size)
@@ -178,6 +182,11 @@ class OpCall:
     def flatten(self) -> None:
         self.spaces.flatten(self.node, self.only_input())
 
+    def opaque(self) -> None:
+        """An op without a rule (``unknown_ops="share"``): its output opens a new layer that may
+        depend on every channel it reads; both layers are then shared by all tasks."""
+        self.spaces.opaque(self.node, self.only_input())
+
     def product(self) -> None:
         self.combine(self.spaces.product, "an elementwise product")
 
@@ -289,6 +298,11 @@ def _permute(op: OpCall) -> None:
         "moving the channel dimension (ConvNeXt's channels-last LayerNorm, channel shuffle) is not "
         "supported: pamfx keeps channels on dim 1"
     )
+
+
+@register_channel_rule(TaskSlices)
+def _task_slices(op: OpCall) -> None:
+    op.opaque()
 
 
 @register_channel_rule(DiagonalConnection)

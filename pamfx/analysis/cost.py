@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import fx, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from pamfx.analysis.channel_rules import Role
 from pamfx.analysis.layer_organisation import NodeInfo, Submodules
@@ -70,6 +71,13 @@ def _merged_cost(gm: fx.GraphModule, combo: TaskSet) -> Cost:
             edges = int(mask.sum()) * _kernel(module) * block
             macs += edges * positions
             params += edges + (mask.shape[0] if module.bias is not None else 0)
+        elif info.role == Role.OPAQUE:  # an op without a channel rule: counted as FlopCounterMode runs it
+            counter = FlopCounterMode(display=False)
+            shape = (1,) + tuple(node.args[0].meta["tensor_meta"].shape[1:])
+            with counter, torch.no_grad():
+                module(torch.zeros(shape, dtype=node.args[0].meta["tensor_meta"].dtype))
+            macs += counter.get_total_flops() // 2
+            params += sum(p.numel() for p in module.parameters())
         elif info.role == Role.CHANNELWISE and info.layer is not None and any(True for _ in module.parameters(recurse=False)):
             active = sum(1 for t in view.records[info.layer].task_sets if t & combo)
             per_channel = sum(p.numel() for p in module.parameters(recurse=False)) // view.records[info.layer].width

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import networkx as nx
 import torch
 from torch import fx, nn
 
 from pamfx.analysis.channel_rules import Role, target_name
 from pamfx.analysis.layer_organisation import GraphLayers, LayerStructure, NodeInfo, is_tensor, organise_graph, shape_of
-from pamfx.errors import InputError, MismatchError
+from pamfx.errors import InputError, MismatchError, UnsupportedOpError
 from pamfx.frontend import trace
 from pamfx.ir.neuron_layer import LayerMap, NeuronLayer
 from pamfx.ir.task_set import TaskSpace
 
-WIDTH_FIELDS = frozenset({"in_channels", "out_channels", "in_features", "out_features", "num_features"})
+WIDTH_FIELDS = frozenset({"in_channels", "out_channels", "in_features", "out_features", "num_features", "num_channels"})
 
 
 def _module_signature(module: nn.Module) -> tuple:
@@ -141,25 +142,29 @@ def _check_layers(name_a: str, la: list[LayerStructure], name_b: str, lb: list[L
             raise MismatchError(f"networks {name_a!r} and {name_b!r} differ in the producers of layer {a.name!r}")
 
 
-def organise_layers(models: Mapping[str, nn.Module], example_input: torch.Tensor) -> LayerMap:
+def organise_layers(
+    models: Mapping[str, nn.Module], example_input: torch.Tensor, *, unknown_ops: str = "refuse"
+) -> LayerMap:
     """Trace K single-task networks, find their neuron layers and match them layer by layer.
 
     ``models`` maps task names to networks (nn.Module or GraphModule) that all read
     ``example_input``; they must share one topology, widths may differ. Merged layer i holds
-    the channels of every network's layer i, task by task (Alg. 3).
+    the channels of every network's layer i, task by task (Alg. 3). ``unknown_ops="share"``
+    merges an op without a channel rule instead of refusing it, sharing the layers it touches
+    (and the layers they read) among all tasks: always exact, less to prune.
     """
     if not isinstance(models, Mapping):
         raise InputError(f"models must be a mapping {{task_name: model}}, got {type(models).__name__}")
     if len(models) < 2:
         raise InputError(f"merging needs K >= 2 networks, got K = {len(models)}")
-    return match_layers(models, example_input)
+    return match_layers(models, example_input, unknown_ops)
 
 
-def match_layers(models: Mapping[str, nn.Module], example_input: torch.Tensor) -> LayerMap:
+def match_layers(models: Mapping[str, nn.Module], example_input: torch.Tensor, unknown_ops: str = "refuse") -> LayerMap:
     """`organise_layers` without the K >= 2 check (K = 1 wraps one network for baseline 1)."""
     tasks = TaskSpace(tuple(models))
     graphs = {t: trace(m, example_input, name=t) for t, m in models.items()}
-    organised = {t: organise_graph(graphs[t], model_name=t, task_name=t) for t in tasks}
+    organised = {t: organise_graph(graphs[t], t, t, unknown_ops) for t in tasks}
     shared, remainders = _match(tasks, graphs, organised)
     layers = []
     for i, ref in enumerate(organised[tasks.names[0]].layers[:shared]):
@@ -167,4 +172,29 @@ def match_layers(models: Mapping[str, nn.Module], example_input: torch.Tensor) -
         origins = tuple((t, j) for t in tasks for j in range(structures[t].width))
         layers.append(NeuronLayer(ref.name, origins, structures))
     heads = {t: organised[t].heads[t] for t in tasks}
-    return LayerMap(tasks, tuple(layers), graphs, example_input, heads, remainders)
+    pinned = _shared_by_unknown_ops(organised[tasks.names[0]], {l.name for l in layers})
+    return LayerMap(tasks, tuple(layers), graphs, example_input, heads, remainders, pinned, unknown_ops)
+
+
+def _shared_by_unknown_ops(organised: GraphLayers, merged: set[str]) -> frozenset[str]:
+    """The layers an op without a rule reads or writes, with every layer they read (transitively):
+    all-shared channels may only read all-shared channels (τ_out ⊆ τ_in), so its inputs must be
+    shared back to X for the merged network to compute the originals."""
+    reads = nx.DiGraph()
+    for name, info in organised.nodes.items():
+        if info.layer is not None and info.source is not None:
+            reads.add_edge(info.layer, info.source)
+    for layer in organised.layers:
+        reads.add_edges_from((layer.name, source) for _, source in layer.shortcuts)
+    touched = {
+        name
+        for info in organised.nodes.values()
+        if info.role is Role.OPAQUE
+        for name in (info.layer, info.source)
+        if name is not None
+    }
+    if touched - merged:
+        raise UnsupportedOpError(
+            f"an op without a channel rule in layers of one network's own ({sorted(touched - merged)}) cannot be shared"
+        )
+    return frozenset(touched.union(*(nx.descendants(reads, name) for name in touched if name in reads)))

@@ -97,6 +97,9 @@ class _Space:
         self.nodes += other.nodes
 
 
+UNKNOWN_OPS = ("refuse", "share")
+
+
 def is_tensor(node: Any) -> bool:
     return isinstance(node, fx.Node) and isinstance(node.meta.get("tensor_meta"), TensorMetadata)
 
@@ -115,7 +118,10 @@ class ChannelSpaces:
     The rules of `pamfx.analysis.channel_rules` act on it through `OpCall`'s verbs.
     """
 
-    def __init__(self, gm: fx.GraphModule, model_name: str, task_name: str | None):
+    def __init__(self, gm: fx.GraphModule, model_name: str, task_name: str | None, unknown_ops: str = "refuse"):
+        if unknown_ops not in UNKNOWN_OPS:
+            raise InputError(f"unknown_ops={unknown_ops!r}: expected one of {UNKNOWN_OPS}")
+        self.unknown_ops = unknown_ops
         self.gm = gm
         self.model_name = model_name
         self.task_name = task_name
@@ -221,6 +227,8 @@ class ChannelSpaces:
             raise self.unsupported(node, f"op kind {node.op!r} is not supported")
         module = self.modules[node.target] if node.op == "call_module" else None
         rule = rule_for(node, module)
+        if rule is None and self.unknown_ops == "share":
+            rule = OpCall.opaque
         if rule is None:
             what = f"module type {type(module).__name__}" if module is not None else "this function"
             raise self.unsupported(
@@ -346,6 +354,21 @@ class ChannelSpaces:
                 layer = self.join(layer, space)
         self.enter(layer, node, Role.CHANNELWISE)
 
+    def opaque(self, node: fx.Node, x: fx.Node) -> None:
+        """An op without a rule: a new layer reading every channel of ``x``'s space (or of X)."""
+        if x.name in self.pending:
+            raise self.unsupported(node, "a diagonal connection must feed a residual add directly")
+        sid, block = self.value[x.name]
+        if block != 1 or len(shape_of(node)) < 2 or shape_of(node)[0] != shape_of(x)[0]:
+            raise self.unsupported(node, "an op without a channel rule must map [N, C, ...] to [N, C', ...] to be shared")
+        if any(isinstance(a, fx.Node) and a is not x for a in node.all_input_nodes):
+            raise self.unsupported(node, "an op without a channel rule may read only one tensor to be shared")
+        src = self.spaces[self.find(sid)]
+        if not src.is_input:
+            src.consumers.append(Consumer(node.name, block))
+        self.enter(self.new_space(shape_of(node)[1], node.name), node, Role.OPAQUE)
+        self.source_of[node.name] = src.sid
+
     def concat(self, node: fx.Node, operands: list[fx.Node]) -> None:
         """``torch.cat(operands, 1)``: a new layer fed by an identity shortcut from each operand's
         layer, in operand order (its channels are the union of theirs)."""
@@ -470,10 +493,14 @@ class ChannelSpaces:
         return node.op == "call_module" and isinstance(self.modules[node.target], DiagonalConnection)
 
 
-def organise_graph(gm: fx.GraphModule, model_name: str = "model", task_name: str | None = None) -> GraphLayers:
+def organise_graph(
+    gm: fx.GraphModule, model_name: str = "model", task_name: str | None = None, unknown_ops: str = "refuse"
+) -> GraphLayers:
     """Find the neuron layers of one traced network (shapes must be propagated: see `pamfx.trace`).
 
     ``task_name`` names the task of a single-task network (its one output); a merged network's
-    dict output names its tasks itself.
+    dict output names its tasks itself. ``unknown_ops``: ``"refuse"`` an op without a channel
+    rule (`UnsupportedOpError`), or ``"share"`` it: it opens a layer reading every channel of its
+    input, and merging shares both layers (and the layers they read) among all tasks.
     """
-    return ChannelSpaces(gm, model_name, task_name).run()
+    return ChannelSpaces(gm, model_name, task_name, unknown_ops).run()

@@ -35,6 +35,17 @@ class MultitaskView:
     layers: GraphLayers
     records: dict[str, LayerTaskSets]
 
+    @property
+    def fixed_layers(self) -> frozenset[str]:
+        """Layers an op without a channel rule (`TaskSlices`) reads or writes: their channels stay."""
+        return frozenset(
+            name
+            for info in self.layers.nodes.values()
+            if info.role is Role.OPAQUE
+            for name in (info.layer, info.source)
+            if name is not None
+        )
+
     def groups(self, layer: str, combo: TaskSet) -> dict[TaskSet, list[int]]:
         """The active groups of ``layer`` when ``combo`` runs: task set → channel indices, sorted."""
         out: dict[TaskSet, list[int]] = {}

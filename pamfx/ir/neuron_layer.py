@@ -93,6 +93,10 @@ class LayerMap:
     """Networks of different depths (Sec. 4.5.1 step 3): per task, the nodes of its graph after
     the prefix all networks share, taken over unmerged (its remaining layers and its head);
     empty when the networks match op for op."""
+    shared_layers: frozenset[str] = frozenset()
+    """Layers an op without a channel rule reads or writes, and the layers they read
+    (``unknown_ops="share"``): merging gives every channel of them all tasks' task set."""
+    unknown_ops: str = "refuse"
 
     def __iter__(self) -> Iterator[NeuronLayer]:
         return iter(self.layers)

@@ -23,6 +23,7 @@ from pamfx.errors import GroupingError, InputError, MismatchError, UnsupportedOp
 from pamfx.frontend import shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
 from pamfx.ir.grouping import Grouping
+from pamfx.ir.task_slices import TaskSlices
 from pamfx.ir.neuron_layer import (
     META_CONV_GROUPS,
     META_DEPTHWISE,
@@ -56,10 +57,13 @@ class _Merger:
         self.layers = layers
         self.tasks = layers.tasks
         self.first = self.tasks.names[0]
-        self.organised = {t: organise_graph(layers.graphs[t], t, t) for t in self.tasks}
+        self.organised = {t: organise_graph(layers.graphs[t], t, t, layers.unknown_ops) for t in self.tasks}
         self.infos = {t: self.organised[t].nodes for t in self.tasks}
         self.nodes = {t: list(layers.graphs[t].graph.nodes) for t in self.tasks}
-        self.records = {l.name: LayerTaskSets(l.name, grouping.masks(l.name), l.origins) for l in layers}
+        self.records = {  # layers an op without a rule touches are shared by all tasks (unknown_ops="share")
+            l.name: LayerTaskSets(l.name, (self.tasks.all,) * l.width if l.name in layers.shared_layers else grouping.masks(l.name), l.origins)
+            for l in layers
+        }
         self.by_name: dict[str, NeuronLayer] = {l.name: l for l in layers}
         self.modules: dict[str, nn.Module] = {}
         self.graph = fx.Graph()
@@ -121,6 +125,8 @@ class _Merger:
             return self.residual_add(tnode, info)
         if info.role == Role.CONCAT:
             return self.concat(tnode, info)
+        if info.role == Role.OPAQUE:
+            return self.opaque(i, tnode, info)
         if tnode.op == "call_module":
             return self.channelwise_module(i, tnode, info)
         return self.copy_node(tnode, self.trunk)
@@ -233,6 +239,20 @@ class _Merger:
             part.meta[META_LAYER] = total.meta[META_LAYER] = dst_rec
         return total
 
+    def opaque(self, i: int, tnode: fx.Node, info: NodeInfo) -> fx.Node:
+        """An op without a channel rule: each task's own op on its own channels, as `TaskSlices`."""
+        ops = []
+        for t in self.tasks:
+            node = self.nodes[t][i]
+            graph = fx.Graph()
+            x = graph.placeholder("x")
+            graph.output(graph.node_copy(node, lambda _: x))
+            ops.append(fx.GraphModule(self.layers.graphs[t], graph, class_name=f"{attr_name(t)}_op"))
+        widths = None if info.source is None else list(self.by_name[info.source].widths().values())
+        target = f"pamfx_shared.{attr_name(tnode.name)}"
+        self.modules[target] = TaskSlices(copy.deepcopy(ops), widths)
+        return self.graph.call_module(target, (self.trunk(tnode.args[0] if tnode.args else next(iter(tnode.all_input_nodes))),))
+
     def head_chain(self, i: int, tnode: fx.Node, info: NodeInfo) -> None:
         """The head and the ops after it, once per task, each from that task's own network."""
         for t in self.tasks:
@@ -321,14 +341,16 @@ def merge(
     grouping: Grouping | str = "origin",
     *,
     layers: LayerMap | None = None,
+    unknown_ops: str = "refuse",
 ) -> fx.GraphModule:
     """Merge K single-task networks into one multitask GraphModule under ``grouping``.
 
     ``grouping`` is a `Grouping` over the layers of ``organise_layers(models, example_input)``
     (pass that map as ``layers`` to skip re-organising) or ``"origin"`` / ``"shared"``.
+    ``unknown_ops`` (when ``layers`` is not given): see `organise_layers`.
     """
     if layers is None:
-        layers = organise_layers(models, example_input)
+        layers = organise_layers(models, example_input, unknown_ops=unknown_ops)
     elif set(layers.tasks) != set(models):
         raise InputError(f"layers are over tasks {list(layers.tasks)}, models over {list(models)}")
     grouping = resolve_grouping(grouping, layers)

@@ -93,6 +93,7 @@ def _channels_to_remove(view: MultitaskView, scores: dict[str, torch.Tensor], ta
     candidates = sorted(
         (float(scores[layer][c]), layer, c)
         for layer, record in view.records.items()
+        if layer not in view.fixed_layers
         for c, t in enumerate(record.task_sets)
         if t & bit
     )

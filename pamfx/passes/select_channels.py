@@ -50,6 +50,9 @@ def _check_keep(keep: Mapping[str, Sequence[int]], widths: dict[str, int]) -> di
 def select_channels(gm: fx.GraphModule, keep: Mapping[str, Sequence[int]]) -> fx.GraphModule:
     """A copy of merged network ``gm`` keeping, for each layer named in ``keep``, those channels in that order."""
     view = read_multitask(gm)
+    fixed = view.fixed_layers.intersection(keep)
+    if fixed:
+        raise InputError(f"select_channels: layers {sorted(fixed)} are read or written by an op without a channel rule; their channels stay")
     index = _check_keep(keep, {name: rec.width for name, rec in view.records.items()})
     new = copy.deepcopy(gm)
     modules = Submodules(new)
@@ -115,6 +118,8 @@ def sort_channels(gm: fx.GraphModule) -> fx.GraphModule:
     """Reorder every layer's channels by task set (stable), so that each group is contiguous."""
     view = read_multitask(gm)
     keep = {
-        name: sorted(range(rec.width), key=lambda c, rec=rec: (rec.task_sets[c], c)) for name, rec in view.records.items()
+        name: sorted(range(rec.width), key=lambda c, rec=rec: (rec.task_sets[c], c))
+        for name, rec in view.records.items()
+        if name not in view.fixed_layers  # shared by all tasks: one group already
     }
     return select_channels(gm, keep)
