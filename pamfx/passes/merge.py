@@ -5,7 +5,9 @@ K ≥ 3 tasks (Sec. 4.5.4): every neuron layer is widened to hold all K networks
 channel of task set τ1 in layer i−1 feeds a channel of task set τ2 in layer i iff τ2 ⊆ τ1
 (dense ops, identity shortcuts and heads alike); an allowed connection that existed keeps its
 weight, a new one across origins starts at 0, a forbidden one is masked to exactly 0. The
-forward returns ``{task: output}``. The grouping and masks are kept in ``node.meta``.
+forward returns ``{task: output}``. The grouping and masks are kept in ``node.meta``. Grouped
+convs, concatenations, squeeze-excitation gates, shared unknown ops and networks of different
+depths (step 3) follow the channel rules of ``docs/op_rules.md``.
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ from pamfx.errors import GroupingError, InputError, MismatchError, UnsupportedOp
 from pamfx.frontend import shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
 from pamfx.ir.grouping import Grouping
-from pamfx.ir.task_slices import TaskSlices
 from pamfx.ir.neuron_layer import (
     META_CONV_GROUPS,
     META_DEPTHWISE,
@@ -36,6 +37,7 @@ from pamfx.ir.neuron_layer import (
     NeuronLayer,
 )
 from pamfx.ir.task_set import is_subset, subset_matrix
+from pamfx.ir.task_slices import TaskSlices
 from pamfx.passes.module_surgery import attr_name, channel_tensors, dense_conv_weight, expand_mask, group_ids, rebuild
 
 
@@ -60,10 +62,8 @@ class _Merger:
         self.organised = {t: organise_graph(layers.graphs[t], t, t, layers.unknown_ops) for t in self.tasks}
         self.infos = {t: self.organised[t].nodes for t in self.tasks}
         self.nodes = {t: list(layers.graphs[t].graph.nodes) for t in self.tasks}
-        self.records = {  # layers an op without a rule touches are shared by all tasks (unknown_ops="share")
-            l.name: LayerTaskSets(l.name, (self.tasks.all,) * l.width if l.name in layers.shared_layers else grouping.masks(l.name), l.origins)
-            for l in layers
-        }
+        shared = {l.name: (self.tasks.all,) * l.width for l in layers if l.name in layers.shared_layers}  # unknown_ops="share"
+        self.records = {l.name: LayerTaskSets(l.name, shared.get(l.name) or grouping.masks(l.name), l.origins) for l in layers}
         self.by_name: dict[str, NeuronLayer] = {l.name: l for l in layers}
         self.modules: dict[str, nn.Module] = {}
         self.graph = fx.Graph()
