@@ -4,7 +4,9 @@ Pipeline (docs/design.md §1): ``trace`` → ``organise_layers`` → (``regroup`
 fine-tune / prune → ``emit`` one standalone module per task combination.
 """
 from pamfx.analysis.cost import Cost, cost
-from pamfx.analysis.layer_organisation import organise_graph, organise_layers
+from pamfx.analysis.channel_rules import OpCall, Role, register_channel_rule
+from pamfx.analysis.layer_matching import organise_layers
+from pamfx.analysis.layer_organisation import organise_graph
 from pamfx.analysis.activations import LayerActivations, collect_activations
 from pamfx.analysis.alpha_trace import RegroupTrace
 from pamfx.analysis.multitask_view import read_multitask
@@ -47,9 +49,11 @@ __all__ = [
     "MismatchError",
     "MultitaskRuntime",
     "NeuronLayer",
+    "OpCall",
     "PamfxError",
     "RegroupResult",
     "RegroupTrace",
+    "Role",
     "TaskSpace",
     "TraceError",
     "UnsupportedOpError",
@@ -71,6 +75,7 @@ __all__ = [
     "regroup_features",
     "load",
     "save",
+    "register_channel_rule",
     "select_channels",
     "sort_channels",
     "trace",

@@ -27,7 +27,7 @@ from torch import fx
 from torch.utils.data import DataLoader, Dataset
 
 from pamfx.analysis.cost import combination_weights, cost, cross_origin_flops
-from pamfx.analysis.layer_organisation import organise_layers
+from pamfx.analysis.layer_matching import organise_layers
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.analysis.regroup import RegroupResult, regroup
 from pamfx.data import load_dataset, task_split

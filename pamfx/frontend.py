@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from pamfx.analysis.channel_rules import has_module_rule
 from pamfx.errors import InputError, TraceError
 from pamfx.ir.meta import META_TASKS
 from pamfx.passes.raise_aten import is_exported, raise_exported
@@ -30,11 +31,15 @@ HOOK_DICTS = (
 
 
 class _PathTracer(fx.Tracer):
-    """A tracer that remembers which submodule it is inside, to name it when tracing fails."""
+    """A tracer that remembers which submodule it is inside, to name it when tracing fails, and
+    keeps every module with a registered channel rule as a leaf (one call_module node)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.path: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) or has_module_rule(m)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         self.path.append(self.path_of_module(m))

@@ -3,7 +3,8 @@ import torch
 from torch import fx
 
 import pamfx
-from pamfx.analysis.layer_organisation import DENSE, organise_graph
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_organisation import organise_graph
 from tests.conftest import example_input, make_models, model_set
 
 
@@ -52,7 +53,7 @@ def test_every_dense_op_is_a_producer_or_a_head(arch):
         n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.Conv2d) and gm.get_submodule(n.target).groups == 1)]
     producers = {p for l in organised.layers for p in l.producers}
     assert set(convs) == producers | {organised.heads["A"]}
-    assert all(organised.nodes[p].role == DENSE for p in producers)
+    assert all(organised.nodes[p].role == Role.DENSE for p in producers)
 
 
 def test_accepts_a_user_traced_graphmodule():

@@ -17,8 +17,10 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import fx, nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from pamfx.analysis.layer_organisation import CHANNELWISE, DENSE, HEAD, NodeInfo, Submodules
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_organisation import NodeInfo, Submodules
 from pamfx.analysis.multitask_view import MultitaskView, is_multitask, read_multitask
 from pamfx.errors import InputError
 from pamfx.frontend import trace
@@ -60,16 +62,23 @@ def merged_cost(view: MultitaskView, combo: TaskSet) -> Cost:
     """The cost of combination ``combo`` of the merged network that ``view`` reads."""
     macs = params = 0
     for node, info, module, positions in _module_nodes(view):
-        if info.role == DENSE or (info.role == HEAD and combo & view.tasks.bit(info.task)):
+        if info.role == Role.DENSE or (info.role == Role.HEAD and combo & view.tasks.bit(info.task)):
             mask = node.meta[META_MASK]
-            if info.role == DENSE:
+            if info.role == Role.DENSE:
                 active = [o for o, t in enumerate(view.records[info.layer].task_sets) if t & combo]
                 mask = mask[active]
             block = view.layers.nodes[node.args[0].name].block
             edges = int(mask.sum()) * _kernel(module) * block
             macs += edges * positions
             params += edges + (mask.shape[0] if module.bias is not None else 0)
-        elif info.role == CHANNELWISE and info.layer is not None and any(True for _ in module.parameters(recurse=False)):
+        elif info.role == Role.OPAQUE:  # an op without a channel rule: counted as FlopCounterMode runs it
+            counter = FlopCounterMode(display=False)
+            shape = (1,) + tuple(node.args[0].meta["tensor_meta"].shape[1:])
+            with counter, torch.no_grad():
+                module(torch.zeros(shape, dtype=node.args[0].meta["tensor_meta"].dtype))
+            macs += counter.get_total_flops() // 2
+            params += sum(p.numel() for p in module.parameters())
+        elif info.role == Role.CHANNELWISE and info.layer is not None and any(True for _ in module.parameters(recurse=False)):
             active = sum(1 for t in view.records[info.layer].task_sets if t & combo)
             per_channel = sum(p.numel() for p in module.parameters(recurse=False)) // view.records[info.layer].width
             params += active * per_channel
@@ -144,15 +153,15 @@ def channel_flops(gm: fx.GraphModule, tasks: Iterable[str] | str | TaskSet | Non
     active = {name: torch.tensor([bool(t & combo) for t in rec.task_sets]) for name, rec in view.records.items()}
     out = {name: torch.zeros(rec.width, dtype=torch.float64) for name, rec in view.records.items()}
     for node, info, module, positions in _module_nodes(view):
-        if info.role == HEAD and not combo & view.tasks.bit(info.task):
+        if info.role == Role.HEAD and not combo & view.tasks.bit(info.task):
             continue
-        if info.role in (DENSE, HEAD):
+        if info.role in (Role.DENSE, Role.HEAD):
             mask = node.meta[META_MASK].to(torch.float64)
-            rows = active[info.layer] if info.role == DENSE else torch.ones(mask.shape[0], dtype=torch.bool)
+            rows = active[info.layer] if info.role == Role.DENSE else torch.ones(mask.shape[0], dtype=torch.bool)
             cols = active[info.source] if info.source is not None else torch.ones(mask.shape[1], dtype=torch.bool)
             mask = mask * rows[:, None] * cols[None, :]
             per_edge = 2 * _kernel(module) * view.layers.nodes[node.args[0].name].block * positions
-            if info.role == DENSE:
+            if info.role == Role.DENSE:
                 out[info.layer] += mask.sum(1) * per_edge
             if info.source is not None:
                 out[info.source] += mask.sum(0) * per_edge
@@ -208,7 +217,7 @@ def cross_origin_flops(gm: fx.GraphModule, tasks: Iterable[str] | str | TaskSet 
     combo = view.tasks.select(tasks)
     macs = 0
     for node, info, module, positions in _module_nodes(view):
-        if info.role != DENSE or info.source is None:
+        if info.role != Role.DENSE or info.source is None:
             continue
         out_rec, in_rec = view.records[info.layer], view.records[info.source]
         rows = torch.tensor([bool(t & combo) for t in out_rec.task_sets])

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from pamfx.analysis.layer_organisation import DENSE, HEAD, GraphLayers, Submodules, organise_graph
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_organisation import GraphLayers, Submodules, organise_graph
 from pamfx.errors import IRError
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.grouping import Grouping
-from pamfx.ir.meta import META_HEAD, META_LAYER, META_MASK, META_TASKS
+from pamfx.ir.meta import META_CONV_GROUPS, META_HEAD, META_LAYER, META_MASK, META_TASKS
 from pamfx.ir.neuron_layer import LayerTaskSets
 from pamfx.ir.task_set import TaskSet, TaskSpace, subset_matrix
 from pamfx.passes.module_surgery import expand_mask
@@ -33,6 +34,17 @@ class MultitaskView:
     tasks: TaskSpace
     layers: GraphLayers
     records: dict[str, LayerTaskSets]
+
+    @property
+    def fixed_layers(self) -> frozenset[str]:
+        """Layers an op without a channel rule (`TaskSlices`) reads or writes: their channels stay."""
+        return frozenset(
+            name
+            for info in self.layers.nodes.values()
+            if info.role is Role.OPAQUE
+            for name in (info.layer, info.source)
+            if name is not None
+        )
 
     def groups(self, layer: str, combo: TaskSet) -> dict[TaskSet, list[int]]:
         """The active groups of ``layer`` when ``combo`` runs: task set → channel indices, sorted."""
@@ -88,10 +100,15 @@ def read_multitask(gm: fx.GraphModule) -> MultitaskView:
     modules = Submodules(gm)
     for name, info in layers.nodes.items():
         node = by_name[name]
-        if info.role == DENSE:
+        if info.role == Role.DENSE:
             in_width = node.meta[META_MASK].shape[1] if META_MASK in node.meta else -1
             expected = view.rule_mask(info.layer, info.source, in_width)
-        elif info.role == HEAD:
+            if META_CONV_GROUPS in node.meta:  # a grouped conv: group g reads group g only
+                out_ids, in_ids = node.meta[META_CONV_GROUPS]
+                if out_ids.shape != expected.shape[:1] or in_ids.shape != expected.shape[1:]:
+                    raise IRError(f"node {name!r}: its pamfx_conv_groups do not match its {tuple(expected.shape)} mask")
+                expected = expected & (out_ids[:, None] == in_ids[None, :])
+        elif info.role == Role.HEAD:
             if node.meta.get(META_HEAD) != info.task:
                 raise IRError(f"head {name!r} of task {info.task!r} carries no or a wrong pamfx_head record")
             expected = view.records[info.source].serves(view.tasks.bit(info.task))[None, :]

@@ -33,13 +33,14 @@ from typing import Any, Iterable
 import torch
 from torch import fx, nn
 
-from pamfx.analysis.layer_organisation import ADD, DENSE, FLATTEN, HEAD, META, SHORTCUT, NodeInfo, Submodules
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_organisation import NodeInfo, Submodules
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
 from pamfx.codegen.fusion import FusionCostModel
 from pamfx.errors import InputError, check_type
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
-from pamfx.ir.meta import META_DECLINED, META_FUSED, META_GROUP, META_MASK
+from pamfx.ir.meta import META_CONV_GROUPS, META_DECLINED, META_FUSED, META_GROUP, META_MASK
 from pamfx.ir.task_set import TaskSet, is_subset
 from pamfx.passes.module_surgery import attr_name, channel_tensors, rebuild
 
@@ -149,7 +150,7 @@ class _Emitter:
                 (ret,) = node.args
                 names = self.view.tasks.ordered_names(self.combo)
                 self.graph.output({t: self.env[ret[t].name] for t in names})
-            elif info is None or info.role == META:
+            elif info is None or info.role == Role.META:
                 self.env[node.name] = self.graph.node_copy(node, self.meta_arg)
             elif info.task is not None:
                 self.head_chain(node, info)
@@ -174,9 +175,9 @@ class _Emitter:
         return self.graph.node_copy(node, lambda n: self.env[n.name])
 
     def layer_node(self, node: fx.Node, info: NodeInfo) -> Any:
-        if info.role == DENSE:
+        if info.role == Role.DENSE:
             return self.dense(node, info)
-        if info.role == SHORTCUT:
+        if info.role == Role.SHORTCUT:
             module: DiagonalConnection = self.modules[node.target]
             return _Shortcut(self.env[node.args[0].name], module.src.tolist(), module.dst.tolist())
         groups = self.view.groups(info.layer, self.combo)
@@ -186,20 +187,22 @@ class _Emitter:
         return _Grouped(info.layer, out)
 
     def per_group(self, node: fx.Node, info: NodeInfo, task_set: TaskSet, idx: list[int]) -> fx.Node:
-        """A channel-wise op (or residual add, or flatten) applied to one group."""
-        shortcut = next((self.env[a.name] for a in node.args if isinstance(a, fx.Node) and isinstance(self.env.get(a.name), _Shortcut)), None)
+        """A channel-wise op (or flatten, or residual sum: the call is kept, so ``alpha=`` and
+        ``sub`` stay exact) applied to one group."""
+        substitute: dict[fx.Node, fx.Node] = {}  # a residual's shortcut operand -> its value on this group
 
         def arg_map(n: fx.Node) -> Any:
+            if n in substitute:
+                return substitute[n]
             value = self.env[n.name]
-            if isinstance(value, _Shortcut):
-                return None
             return value.nodes[task_set] if isinstance(value, _Grouped) else value
 
-        if info.role == FLATTEN:
+        if info.role == Role.FLATTEN:
             return self.graph.call_function(torch.flatten, (arg_map(node.args[0]), 1))
-        if info.role == ADD and shortcut is not None:
-            base = next(arg_map(a) for a in node.args if isinstance(a, fx.Node) and not isinstance(self.env[a.name], _Shortcut))
-            return self.add_shortcut(base, shortcut, task_set, idx, info.layer)
+        if info.role == Role.RESIDUAL:
+            for n in node.all_input_nodes:
+                if isinstance(self.env.get(n.name), _Shortcut):
+                    substitute[n] = self.shortcut_group(self.env[n.name], node, task_set, idx, info.layer)
         if node.op == "call_module":
             module = self.modules[node.target]
             tensors = channel_tensors(module)
@@ -212,22 +215,23 @@ class _Emitter:
             return self.graph.call_module(name, fx.map_arg(node.args, arg_map), fx.map_arg(node.kwargs, arg_map))
         return self.graph.create_node(node.op, node.target, fx.map_arg(node.args, arg_map), fx.map_arg(node.kwargs, arg_map))
 
-    def add_shortcut(self, base: fx.Node, sc: _Shortcut, task_set: TaskSet, idx: list[int], layer: str) -> fx.Node:
-        """``base`` plus the identity shortcut's allowed channels that land in this group."""
+    def shortcut_group(self, sc: _Shortcut, node: fx.Node, task_set: TaskSet, idx: list[int], layer: str) -> fx.Node:
+        """The identity shortcut's value on one group of ``node``'s layer: its allowed channels that
+        land in the group, gathered from the source's active groups, and 0 on the group's other channels."""
         position = {c: p for p, c in enumerate(idx)}
         src_groups = sc.source.nodes
         src_order = [c for t in src_groups for c in self.view.groups(sc.source.layer, self.combo)[t]]
         src_position = {c: p for p, c in enumerate(src_order)}
         pairs = [(src_position[s], position[d]) for s, d in zip(sc.src, sc.dst) if d in position]
         if not pairs:
-            return base
-        gathered = self.graph.call_function(
-            torch.index_select, (self.cat(list(src_groups.values())), 1, self.add_index(f"{layer}.sc_src", [p for p, _ in pairs]))
-        )
-        dst = [q for _, q in pairs]
+            zeros = ConstantChannels(None, len(idx), tuple(node.meta["tensor_meta"].shape[2:]))
+            return self.graph.call_module(self.add_module(f"{layer}.shortcut.{self.label(task_set)}", zeros), (self.input,))
+        source = self.cat(list(src_groups.values()))
+        src, dst = [p for p, _ in pairs], [q for _, q in pairs]
         if dst == list(range(len(idx))):
-            return self.graph.call_function(torch.add, (base, gathered))
-        return self.graph.call_function(torch.index_add, (base, 1, self.add_index(f"{layer}.sc_dst", dst), gathered))
+            return self.graph.call_function(torch.index_select, (source, 1, self.add_index(f"{layer}.sc_src", src)))
+        module = DiagonalConnection(torch.tensor(src), torch.tensor(dst), len(idx))
+        return self.graph.call_module(self.add_module(f"{layer}.shortcut.{self.label(task_set)}", module), (source,))
 
     def inputs(self, source: _Grouped, allowed: list[TaskSet], block: int) -> tuple[list[fx.Node], list[list[int]]]:
         groups = self.view.groups(source.layer, self.combo)
@@ -308,19 +312,64 @@ class _Emitter:
         """One conv / linear per active output group over its allowed input groups (τ_out ⊆ τ_in)."""
         module = self.modules[node.target]
         x = self.env[node.args[0].name]
+        conv_groups = node.meta.get(META_CONV_GROUPS)
+        if conv_groups is not None and self.share:
+            raise InputError(f"node {node.name!r}: share_weights cannot emit a grouped conv (its weights are gathered per group)")
         out: dict[TaskSet, fx.Node] = {}
         for task_set, idx in groups.items():
             rows = self.contiguous(idx)
             bias = None if module.bias is None else self.tensor(module.bias, rows)
             if not isinstance(x, _Grouped):
-                weight = self.tensor(module.weight, rows)
-                parts = [(x, weight)]
+                nodes, cols = [x], [list(range(module.weight.shape[1]))]
             else:
                 nodes, cols = self.inputs(x, self.allowed(x, task_set), self.view.layers.nodes[node.args[0].name].block)
-                parts = self.dense_parts(module, rows, nodes, cols)
-            group = self.dense_group(node, module, parts, bias, task_set, len(idx))
+            if conv_groups is not None and nodes:
+                group = self.grouped_conv(node, module, idx, nodes, cols, bias, task_set)
+            else:
+                parts = [(x, self.tensor(module.weight, rows))] if not isinstance(x, _Grouped) else self.dense_parts(module, rows, nodes, cols)
+                group = self.dense_group(node, module, parts, bias, task_set, len(idx))
             out[task_set] = self.tag(group, info.layer, task_set, idx)
         return _Grouped(info.layer, out)
+
+    def grouped_conv(self, node: fx.Node, module: nn.Module, idx: list[int], nodes: list[fx.Node], cols: list[list[int]], bias, task_set: TaskSet) -> fx.Node:
+        """One output group of a merged grouped conv: each conv group's rows from that group's
+        allowed columns, conv groups with equal row and column counts run as one grouped conv,
+        rows whose conv group has no allowed column are their bias; then back in ``idx`` order."""
+        out_ids, in_ids = node.meta[META_CONV_GROUPS]
+        flat = [c for cs in cols for c in cs]
+        rows_of: dict[int, list[int]] = {}  # conv group -> positions in idx
+        cols_of: dict[int, list[int]] = {}  # conv group -> positions in flat
+        for p, r in enumerate(idx):
+            rows_of.setdefault(int(out_ids[r]), []).append(p)
+        for q, c in enumerate(flat):
+            cols_of.setdefault(int(in_ids[c]), []).append(q)
+        buckets: dict[tuple[int, int], list[int]] = {}
+        constant: list[int] = []
+        for g, positions in rows_of.items():
+            if g in cols_of:
+                buckets.setdefault((len(positions), len(cols_of[g])), []).append(g)
+            else:
+                constant += positions
+        x, base = self.cat(nodes), f"{node.target}.{self.label(task_set)}"
+        pieces, order = [], []
+        for conv_groups in buckets.values():
+            out_pos = [p for g in conv_groups for p in rows_of[g]]
+            in_pos = [q for g in conv_groups for q in cols_of[g]]
+            weight = torch.cat([self.tensor(self.tensor(module.weight, [idx[p] for p in rows_of[g]]), [flat[q] for q in cols_of[g]], dim=1) for g in conv_groups])
+            conv = rebuild(module, groups=len(conv_groups), weight=weight, bias=None if bias is None else bias[out_pos])
+            x_in = x if in_pos == list(range(len(flat))) else self.graph.call_function(torch.index_select, (x, 1, self.add_index(f"{base}.in", in_pos)))
+            pieces.append(self.graph.call_module(self.add_module(base, conv), (x_in,)))
+            order += out_pos
+        if constant:
+            spatial = tuple(node.meta["tensor_meta"].shape[2:])
+            constant_channels = ConstantChannels(None if bias is None else bias[constant], len(constant), spatial)
+            pieces.append(self.graph.call_module(self.add_module(base, constant_channels), (self.input,)))
+            order += constant
+        result = self.cat(pieces)
+        if order == list(range(len(idx))):
+            return result
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        return self.graph.call_function(torch.index_select, (result, 1, self.add_index(f"{base}.order", inverse)))
 
     def dense_parts(self, module: nn.Module, rows, nodes: list[fx.Node], cols: list[list[int]]) -> list[tuple[fx.Node, torch.Tensor]]:
         weight = self.tensor(module.weight, rows)
@@ -347,7 +396,7 @@ class _Emitter:
     def head_chain(self, node: fx.Node, info: NodeInfo) -> None:
         if not self.combo & self.view.tasks.bit(info.task):
             return
-        if info.role != HEAD:
+        if info.role != Role.HEAD:
             self.env[node.name] = self.copy_plain(node)
             return
         module = self.modules[node.target]

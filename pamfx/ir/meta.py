@@ -12,6 +12,8 @@ writes these keys through the constants below. Types and carriers:
 - ``META_HEAD`` (str): a task head — the task whose output it computes.
 - ``META_DEPTHWISE`` (bool): a depthwise conv, which stays depthwise even when pruned to one
   channel (where groups = in = out = 1 would read as a dense conv).
+- ``META_CONV_GROUPS`` (tuple[tuple[int, ...], tuple[int, ...]]): a merged grouped conv — the
+  conv group id of every output and every input channel (connections only within a group).
 - ``META_GROUP`` (tuple[str, int, tuple[int, ...]]): emitted modules — the layer, task set and
   merged channel indices a node's value holds.
 - ``META_FUSED`` / ``META_DECLINED`` (dict): emitted dense calls fused into one masked call, or
@@ -24,8 +26,9 @@ META_LAYER = "pamfx_layer"
 META_MASK = "pamfx_mask"
 META_HEAD = "pamfx_head"
 META_DEPTHWISE = "pamfx_depthwise"
+META_CONV_GROUPS = "pamfx_conv_groups"
 META_GROUP = "pamfx_group"
 META_FUSED = "pamfx_fused"
 META_DECLINED = "pamfx_fusion_declined"
 
-ALL_KEYS = (META_TASKS, META_LAYER, META_MASK, META_HEAD, META_DEPTHWISE, META_GROUP, META_FUSED, META_DECLINED)
+ALL_KEYS = (META_TASKS, META_LAYER, META_MASK, META_HEAD, META_DEPTHWISE, META_CONV_GROUPS, META_GROUP, META_FUSED, META_DECLINED)

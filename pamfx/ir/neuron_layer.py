@@ -11,7 +11,6 @@ import torch
 from torch import fx
 
 from pamfx.errors import InputError
-from pamfx.ir.meta import META_DEPTHWISE, META_HEAD, META_LAYER, META_MASK, META_TASKS  # noqa: F401  (re-exported)
 from pamfx.ir.task_set import TaskSpace
 
 
@@ -90,6 +89,14 @@ class LayerMap:
     graphs: dict[str, fx.GraphModule]
     example_input: torch.Tensor
     heads: dict[str, str] = field(default_factory=dict)
+    remainders: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Networks of different depths (Sec. 4.5.1 step 3): per task, the nodes of its graph after
+    the prefix all networks share, taken over unmerged (its remaining layers and its head);
+    empty when the networks match op for op."""
+    shared_layers: frozenset[str] = frozenset()
+    """Layers an op without a channel rule reads or writes, and the layers they read
+    (``unknown_ops="share"``): merging gives every channel of them all tasks' task set."""
+    unknown_ops: str = "refuse"
 
     def __iter__(self) -> Iterator[NeuronLayer]:
         return iter(self.layers)

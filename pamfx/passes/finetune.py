@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from pamfx.analysis.layer_organisation import DENSE, HEAD, Submodules
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_organisation import Submodules
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.errors import InputError
 from pamfx.ir.meta import META_MASK
@@ -45,7 +46,7 @@ def connection_masks(gm: fx.GraphModule) -> list[tuple[nn.Parameter, torch.Tenso
     out = []
     for node in gm.graph.nodes:
         info = view.layers.nodes.get(node.name)
-        if info is not None and info.role in (DENSE, HEAD):
+        if info is not None and info.role in (Role.DENSE, Role.HEAD):
             weight = modules[node.target].weight
             block = view.layers.nodes[node.args[0].name].block
             out.append((weight, expand_mask(node.meta[META_MASK], weight, block).to(weight.dtype)))

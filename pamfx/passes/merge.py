@@ -5,34 +5,31 @@ K ≥ 3 tasks (Sec. 4.5.4): every neuron layer is widened to hold all K networks
 channel of task set τ1 in layer i−1 feeds a channel of task set τ2 in layer i iff τ2 ⊆ τ1
 (dense ops, identity shortcuts and heads alike); an allowed connection that existed keeps its
 weight, a new one across origins starts at 0, a forbidden one is masked to exactly 0. The
-forward returns ``{task: output}``. The grouping and masks are kept in ``node.meta``.
+forward returns ``{task: output}``. The grouping and masks are kept in ``node.meta``. Grouped
+convs, concatenations, squeeze-excitation gates, shared unknown ops and networks of different
+depths (step 3) follow the channel rules of ``docs/op_rules.md``.
 """
 from __future__ import annotations
 
+import copy
+import operator
 from typing import Mapping
 
 import torch
 from torch import fx, nn
 
-from pamfx.analysis.layer_organisation import (
-    ADD,
-    DENSE,
-    FLATTEN,
-    HEAD,
-    META,
-    NodeInfo,
-    match_layers,
-    organise_graph,
-    organise_layers,
-)
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_matching import match_layers, organise_layers
+from pamfx.analysis.layer_organisation import NodeInfo, organise_graph
 from pamfx.errors import GroupingError, InputError, MismatchError, UnsupportedOpError, check_type
 from pamfx.frontend import shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
 from pamfx.ir.grouping import Grouping
-from pamfx.ir.meta import META_DEPTHWISE, META_HEAD, META_LAYER, META_MASK, META_TASKS
+from pamfx.ir.meta import META_CONV_GROUPS, META_DEPTHWISE, META_HEAD, META_LAYER, META_MASK, META_TASKS
 from pamfx.ir.neuron_layer import LayerMap, LayerTaskSets, NeuronLayer
 from pamfx.ir.task_set import is_subset, subset_matrix
-from pamfx.passes.module_surgery import attr_name, channel_tensors, expand_mask, rebuild
+from pamfx.ir.task_slices import TaskSlices
+from pamfx.passes.module_surgery import attr_name, channel_tensors, dense_conv_weight, expand_mask, group_ids, rebuild
 
 
 def resolve_grouping(grouping: Grouping | str, layers: LayerMap) -> Grouping:
@@ -53,9 +50,11 @@ class _Merger:
         self.layers = layers
         self.tasks = layers.tasks
         self.first = self.tasks.names[0]
-        self.infos = {t: organise_graph(layers.graphs[t], t, t).nodes for t in self.tasks}
+        self.organised = {t: organise_graph(layers.graphs[t], t, t, layers.unknown_ops) for t in self.tasks}
+        self.infos = {t: self.organised[t].nodes for t in self.tasks}
         self.nodes = {t: list(layers.graphs[t].graph.nodes) for t in self.tasks}
-        self.records = {l.name: LayerTaskSets(l.name, grouping.masks(l.name), l.origins) for l in layers}
+        shared = {l.name: (self.tasks.all,) * l.width for l in layers if l.name in layers.shared_layers}  # unknown_ops="share"
+        self.records = {l.name: LayerTaskSets(l.name, shared.get(l.name) or grouping.masks(l.name), l.origins) for l in layers}
         self.by_name: dict[str, NeuronLayer] = {l.name: l for l in layers}
         self.modules: dict[str, nn.Module] = {}
         self.graph = fx.Graph()
@@ -85,10 +84,15 @@ class _Merger:
 
     # -- the pass -----------------------------------------------------------------------------
     def build(self) -> fx.GraphModule:
+        taken_over = set(self.layers.remainders.get(self.first, ()))
         for i, tnode in enumerate(self.nodes[self.first]):
             info = self.infos[self.first].get(tnode.name)
             if tnode.op == "output":
+                for t in self.layers.remainders:
+                    self.take_over(t)
                 self.output(tnode)
+            elif tnode.name in taken_over:
+                continue
             elif info is not None and info.task is not None:
                 self.head_chain(i, tnode, info)
             else:
@@ -102,14 +106,18 @@ class _Merger:
         return gm
 
     def trunk_node(self, i: int, tnode: fx.Node, info: NodeInfo | None) -> fx.Node:
-        if tnode.op == "placeholder" or info is None or info.role == META:
+        if tnode.op == "placeholder" or info is None or info.role == Role.META:
             return self.copy_node(tnode, self.trunk)
-        if info.role == DENSE:
+        if info.role == Role.DENSE:
             return self.dense(i, tnode, info)
-        if info.role == FLATTEN:
+        if info.role == Role.FLATTEN:
             return self.graph.call_function(torch.flatten, (self.trunk(tnode.args[0]), 1))
-        if info.role == ADD and any(n == tnode.name for n, _ in self.structure(info.layer).shortcuts):
+        if info.role == Role.RESIDUAL and any(n == tnode.name for n, _ in self.structure(info.layer).shortcuts):
             return self.residual_add(tnode, info)
+        if info.role == Role.CONCAT:
+            return self.concat(tnode, info)
+        if info.role == Role.OPAQUE:
+            return self.opaque(i, tnode, info)
         if tnode.op == "call_module":
             return self.channelwise_module(i, tnode, info)
         return self.copy_node(tnode, self.trunk)
@@ -118,11 +126,18 @@ class _Merger:
         return self.by_name[layer].structures[self.first]
 
     def dense(self, i: int, tnode: fx.Node, info: NodeInfo) -> fx.Node:
-        """A conv / linear producer of layer ``info.layer`` reading ``info.source`` (or X)."""
+        """A conv / linear producer of layer ``info.layer`` reading ``info.source`` (or X).
+
+        A grouped conv becomes a dense one whose connection mask also holds its group structure:
+        merged output channel o of conv group g reads input channels of conv group g only (of any
+        task, under the connection rule); the group of every row and column is kept in
+        ``node.meta["pamfx_conv_groups"]`` for emit.
+        """
         out_rec = self.records[info.layer]
         mods = {t: self.module(t, i) for t in self.tasks}
         ref = mods[self.first]
-        in_width = ref.weight.shape[1] if info.source is None else self.records[info.source].width
+        weights = {t: dense_conv_weight(m) if isinstance(m, nn.Conv2d) else m.weight.detach() for t, m in mods.items()}
+        in_width = weights[self.first].shape[1] if info.source is None else self.records[info.source].width
         in_block = self.infos[self.first][tnode.args[0].name].block
         shape = (out_rec.width, in_width * in_block) + tuple(ref.weight.shape[2:])
         weight = ref.weight.new_zeros(shape)
@@ -130,17 +145,26 @@ class _Merger:
         for t, m in mods.items():
             rows = self.channels(info.layer, t)
             cols = slice(None) if info.source is None else self.channels(info.source, t, in_block)
-            weight[rows, cols] = m.weight.detach()
+            weight[rows, cols] = weights[t]
             if bias is not None:
                 bias[rows] = m.bias.detach()
         if info.source is None:
             mask = torch.ones(out_rec.width, in_width, dtype=torch.bool)
         else:
             mask = subset_matrix(out_rec.task_sets, self.records[info.source].task_sets)
+        conv_groups = getattr(ref, "groups", 1)
+        if conv_groups > 1:
+            out_ids = torch.cat([group_ids(m.out_channels, conv_groups) for m in mods.values()])
+            in_ids = group_ids(in_width, conv_groups) if info.source is None else torch.cat(
+                [group_ids(m.in_channels, conv_groups) for m in mods.values()]
+            )
+            mask &= out_ids[:, None] == in_ids[None, :]
         weight = weight * expand_mask(mask, weight, in_block)
-        self.modules[tnode.target] = rebuild(ref, weight=weight, bias=bias)
+        self.modules[tnode.target] = rebuild(ref, groups=1 if conv_groups > 1 else None, weight=weight, bias=bias)
         node = self.copy_node(tnode, self.trunk)
         node.meta[META_MASK] = mask
+        if conv_groups > 1:
+            node.meta[META_CONV_GROUPS] = (out_ids, in_ids)
         return node
 
     def channelwise_module(self, i: int, tnode: fx.Node, info: NodeInfo) -> fx.Node:
@@ -159,7 +183,8 @@ class _Merger:
         return node
 
     def residual_add(self, tnode: fx.Node, info: NodeInfo) -> fx.Node:
-        """An add with an identity shortcut: the shortcut becomes a `DiagonalConnection`."""
+        """A residual sum with an identity shortcut: the shortcut operand (positional or keyword)
+        goes through a `DiagonalConnection`; the call itself (``alpha=``, ``sub``) is kept."""
         src = dict(self.structure(info.layer).shortcuts)[tnode.name]
         dst_rec, src_rec = self.records[info.layer], self.records[src]
         if dst_rec.origins != src_rec.origins:
@@ -168,16 +193,56 @@ class _Merger:
         index = torch.tensor(allowed, dtype=torch.long)
         target = f"pamfx_shortcuts.{attr_name(tnode.name)}"
         self.modules[target] = DiagonalConnection(index, index, dst_rec.width)
-        args = []
-        for a in tnode.args:
-            a_info = self.infos[self.first].get(a.name) if isinstance(a, fx.Node) else None
-            if a_info is not None and a_info.layer == src:
-                shortcut = self.graph.call_module(target, (self.trunk(a),))
-                shortcut.meta[META_LAYER] = dst_rec
-                args.append(shortcut)
-            else:
-                args.append(fx.map_arg(a, self.trunk))
-        return self.copy_node(tnode, self.trunk, args=tuple(args))
+
+        def arg_map(n: fx.Node) -> fx.Node:  # the operand from the source layer goes through the shortcut
+            n_info = self.infos[self.first].get(n.name)
+            if n_info is None or n_info.layer != src:
+                return self.trunk(n)
+            shortcut = self.graph.call_module(target, (self.trunk(n),))
+            shortcut.meta[META_LAYER] = dst_rec
+            return shortcut
+
+        return self.copy_node(tnode, arg_map)
+
+    def concat(self, tnode: fx.Node, info: NodeInfo) -> fx.Node:
+        """``torch.cat(operands, 1)`` becomes the sum of one `DiagonalConnection` per operand: the
+        operand's channel j of task t feeds the layer's channel (t, offset + j) where allowed."""
+        layer, dst_rec = self.by_name[info.layer], self.records[info.layer]
+        sources = [src for n, src in self.structure(info.layer).shortcuts if n == tnode.name]
+        operands = tnode.args[0] if tnode.args else tnode.kwargs["tensors"]
+        offsets = {t: layer.offset(t) for t in self.tasks}
+        total = None
+        for k, (operand, src) in enumerate(zip(operands, sources)):
+            src_layer, src_rec = self.by_name[src], self.records[src]
+            pairs = []
+            for t in self.tasks:
+                for j in range(src_layer.widths()[t]):
+                    s, d = src_layer.offset(t) + j, offsets[t] + j
+                    if is_subset(dst_rec.task_sets[d], src_rec.task_sets[s]):
+                        pairs.append((s, d))
+                offsets[t] += src_layer.widths()[t]
+            target = f"pamfx_shortcuts.{attr_name(tnode.name)}_{k}"
+            self.modules[target] = DiagonalConnection(
+                torch.tensor([s for s, _ in pairs], dtype=torch.long), torch.tensor([d for _, d in pairs], dtype=torch.long), dst_rec.width
+            )
+            part = self.graph.call_module(target, (self.trunk(operand),))
+            total = part if total is None else self.graph.call_function(operator.add, (total, part))
+            part.meta[META_LAYER] = total.meta[META_LAYER] = dst_rec
+        return total
+
+    def opaque(self, i: int, tnode: fx.Node, info: NodeInfo) -> fx.Node:
+        """An op without a channel rule: each task's own op on its own channels, as `TaskSlices`."""
+        ops = []
+        for t in self.tasks:
+            node = self.nodes[t][i]
+            graph = fx.Graph()
+            x = graph.placeholder("x")
+            graph.output(graph.node_copy(node, lambda _: x))
+            ops.append(fx.GraphModule(self.layers.graphs[t], graph, class_name=f"{attr_name(t)}_op"))
+        widths = None if info.source is None else list(self.by_name[info.source].widths().values())
+        target = f"pamfx_shared.{attr_name(tnode.name)}"
+        self.modules[target] = TaskSlices(copy.deepcopy(ops), widths)
+        return self.graph.call_module(target, (self.trunk(tnode.args[0] if tnode.args else next(iter(tnode.all_input_nodes))),))
 
     def head_chain(self, i: int, tnode: fx.Node, info: NodeInfo) -> None:
         """The head and the ops after it, once per task, each from that task's own network."""
@@ -193,7 +258,7 @@ class _Merger:
                 continue
             target = f"{tnode.target}_{attr_name(t)}"
             module = self.module(t, i)
-            if info.role == HEAD:
+            if info.role == Role.HEAD:
                 module = self.head_module(module, t, info, self.infos[self.first][tnode.args[0].name].block)
             elif channel_tensors(module):
                 raise UnsupportedOpError(f"{t}: parametric op {tnode.name!r} after the head is not supported")
@@ -201,10 +266,49 @@ class _Merger:
                 module = rebuild(module)
             self.modules[target] = module
             env[tnode.name] = self.copy_node(tnode, arg_map, target=target, name=name)
-            if info.role == HEAD:
+            if info.role == Role.HEAD:
                 env[tnode.name].meta[META_HEAD] = t
                 rows = module.weight.shape[0]
                 env[tnode.name].meta[META_MASK] = self.head_mask(t, info.source)[None, :].repeat(rows, 1)
+
+    def take_over(self, task: str) -> None:
+        """Sec. 4.5.1 step 3, networks of different depths: ``task``'s ops after the prefix all
+        networks share, taken over unmerged — its own layers (every channel of task set {task}, the
+        first one reading the merged layer's channels that serve the task) and its head."""
+        graph, infos, bit = self.layers.graphs[task], self.infos[task], self.tasks.bit(task)
+        position = {n.name: i for i, n in enumerate(self.nodes[task])}
+        env = self.head_env[task]
+        records = {  # the layers of its own
+            l.name: LayerTaskSets(f"{l.name}[{task}]", (bit,) * l.width, tuple((task, j) for j in range(l.width)))
+            for l in self.organised[task].layers[len(self.by_name):]
+        }
+
+        def arg_map(n: fx.Node) -> fx.Node:
+            return env[n.name] if n.name in env else self.trunk(self.nodes[self.first][position[n.name]])
+
+        for tnode in self.nodes[task]:
+            if tnode.name not in self.layers.remainders[task]:
+                continue
+            info = infos.get(tnode.name)
+            name = f"{tnode.name}_{attr_name(task)}"
+            if tnode.op != "call_module":
+                env[tnode.name] = self.copy_node(tnode, arg_map, name=name)
+            else:
+                module = copy.deepcopy(graph.get_submodule(tnode.target))
+                dense = info is not None and info.role in (Role.DENSE, Role.HEAD)
+                if dense and info.source in self.by_name:  # reads a merged layer: its own channels, where they serve it
+                    module = self.head_module(module, task, info, infos[tnode.args[0].name].block)
+                target = f"{tnode.target}_{attr_name(task)}"
+                self.modules[target] = module
+                env[tnode.name] = self.copy_node(tnode, arg_map, target=target, name=name)
+                if dense:
+                    source = self.records.get(info.source) or records.get(info.source)
+                    serves = source.serves(bit) if source is not None else torch.ones(module.weight.shape[1], dtype=torch.bool)
+                    env[tnode.name].meta[META_MASK] = serves[None, :].repeat(module.weight.shape[0], 1)
+                if info is not None and info.role == Role.HEAD:
+                    env[tnode.name].meta[META_HEAD] = task
+            if info is not None and info.layer in records:
+                env[tnode.name].meta[META_LAYER] = records[info.layer]
 
     def head_mask(self, task: str, source: str) -> torch.Tensor:
         return self.records[source].serves(self.tasks.bit(task))
@@ -219,8 +323,8 @@ class _Merger:
         return rebuild(module, weight=weight, bias=None if module.bias is None else module.bias.detach())
 
     def output(self, tnode: fx.Node) -> None:
-        (ret,) = tnode.args
-        out = self.graph.output({t: self.head_env[t][ret.name] for t in self.tasks})
+        rets = {t: (self.nodes[t][-1] if t in self.layers.remainders else tnode).args[0] for t in self.tasks}
+        out = self.graph.output({t: self.head_env[t][ret.name] for t, ret in rets.items()})
         out.meta[META_TASKS] = self.tasks
 
 
@@ -278,18 +382,20 @@ def merge(
     grouping: Grouping | str = "origin",
     *,
     layers: LayerMap | None = None,
+    unknown_ops: str = "refuse",
 ) -> fx.GraphModule:
     """Merge K single-task networks into one multitask GraphModule under ``grouping``.
 
     ``grouping`` is a `Grouping` over the layers of ``organise_layers(models, example_input)``
     (pass that map as ``layers`` to skip re-organising; it is checked to come from ``models``)
-    or ``"origin"`` / ``"shared"``. The result shares no module, parameter or buffer with
-    ``models``; its modules keep the training flags of the modules they were made from.
+    or ``"origin"`` / ``"shared"``. ``unknown_ops`` (when ``layers`` is not given): see
+    `organise_layers`. The result shares no module, parameter or buffer with ``models``; its
+    modules keep the training flags of the modules they were made from.
     """
     check_type(models, Mapping, "models ({task_name: model})")
     check_type(example_input, torch.Tensor, "example_input")
     if layers is None:
-        layers = organise_layers(models, example_input)
+        layers = organise_layers(models, example_input, unknown_ops=unknown_ops)
     else:
         check_layers_belong(layers, models, example_input)
     grouping = resolve_grouping(grouping, layers)

@@ -9,14 +9,17 @@ from torch import nn
 
 from pamfx.frontend import strip_hooks
 
+from pamfx.analysis.channel_rules import is_depthwise
 
-def rebuild(module: nn.Module, share: bool = False, **tensors: torch.Tensor | None) -> nn.Module:
+
+def rebuild(module: nn.Module, share: bool = False, groups: int | None = None, **tensors: torch.Tensor | None) -> nn.Module:
     """A copy of ``module`` whose named parameters / buffers are replaced by ``tensors``.
 
     The copy owns fresh copies of ``tensors`` and of every other parameter, buffer and submodule
     (BatchNorm's ``num_batches_tracked`` included) and carries no hooks, unless ``share`` is set,
-    in which case it holds them as given (views of another module's weights stay views). Its size attributes (in/out
-    channels, features, groups of a depthwise conv, num_features) follow the new tensors.
+    in which case it holds them as given (views of another module's weights stay views). Its size
+    attributes (in/out channels, features, groups of a depthwise conv, num_features) follow the new
+    tensors; a conv given ``groups`` becomes a grouped conv with that many groups (1: dense).
     """
     new = copy.copy(module)
     new._parameters = {
@@ -37,18 +40,35 @@ def rebuild(module: nn.Module, share: bool = False, **tensors: torch.Tensor | No
             new._buffers[name] = value.detach() if share else value.detach().clone()
         else:
             raise AttributeError(f"{type(module).__name__} has no parameter or buffer {name!r}")
-    _fix_sizes(new, depthwise=isinstance(module, nn.Conv2d) and module.groups > 1)
+    _fix_sizes(new, depthwise=groups is None and is_depthwise(module), groups=groups)
     return new
 
 
-def _fix_sizes(module: nn.Module, depthwise: bool) -> None:
+def dense_conv_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """A grouped conv's weight as the dense ``[out, in, kh, kw]`` weight, zero between groups."""
+    if conv.groups == 1:
+        return conv.weight.detach()
+    out_per, in_per = conv.out_channels // conv.groups, conv.in_channels // conv.groups
+    weight = conv.weight.new_zeros((conv.out_channels, conv.in_channels) + tuple(conv.weight.shape[2:]))
+    for g in range(conv.groups):
+        weight[g * out_per : (g + 1) * out_per, g * in_per : (g + 1) * in_per] = conv.weight[g * out_per : (g + 1) * out_per].detach()
+    return weight
+
+
+def group_ids(width: int, groups: int) -> torch.Tensor:
+    """The conv group of each of ``width`` channels split into ``groups`` equal runs."""
+    return torch.arange(width) // (width // groups)
+
+
+def _fix_sizes(module: nn.Module, depthwise: bool, groups: int | None = None) -> None:
     if isinstance(module, nn.Conv2d):
         out = module.weight.shape[0]
         module.out_channels = out
         if depthwise:
             module.in_channels = module.groups = out
         else:
-            module.in_channels = module.weight.shape[1]
+            module.groups = module.groups if groups is None else groups
+            module.in_channels = module.weight.shape[1] * module.groups
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):

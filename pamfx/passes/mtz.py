@@ -40,7 +40,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from pamfx.analysis.activations import _batches, build_extractor
-from pamfx.analysis.layer_organisation import DENSE, HEAD, SHORTCUT, Submodules, organise_layers
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_matching import organise_layers
+from pamfx.analysis.layer_organisation import Submodules
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
 from pamfx.errors import InputError, UnsupportedOpError
 from pamfx.ir.meta import META_LAYER, META_MASK
@@ -367,7 +369,7 @@ class _Zipper:
             cols[:, q] = 0
         for node in self.gm.graph.nodes:
             info = view.layers.nodes.get(node.name)
-            if info is not None and info.role == SHORTCUT and info.source == layer:
+            if info is not None and info.role == Role.SHORTCUT and info.source == layer:
                 shortcut = modules[node.target]
                 shortcut.src = torch.where(shortcut.src == q, r, shortcut.src)  # a new tensor: src may alias dst
 
@@ -381,9 +383,9 @@ class _Zipper:
             info = view.layers.nodes.get(node.name)
             if info is None or META_MASK not in node.meta:
                 continue
-            if info.role == DENSE and layer in (info.layer, info.source):
+            if info.role == Role.DENSE and layer in (info.layer, info.source):
                 mask = view.rule_mask(info.layer, info.source, node.meta[META_MASK].shape[1])
-            elif info.role == HEAD and info.source == layer:
+            elif info.role == Role.HEAD and info.source == layer:
                 mask = record.serves(self.tasks.bit(info.task))[None, :].repeat(node.meta[META_MASK].shape[0], 1)
             else:
                 continue

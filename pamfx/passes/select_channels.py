@@ -15,12 +15,13 @@ from typing import Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from pamfx.analysis.layer_organisation import DENSE, HEAD, SHORTCUT, Submodules
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_organisation import Submodules
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
 from pamfx.errors import InputError, check_type
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
-from pamfx.ir.meta import META_LAYER, META_MASK
+from pamfx.ir.meta import META_CONV_GROUPS, META_LAYER, META_MASK
 from pamfx.passes.module_surgery import channel_tensors, rebuild, set_module
 
 
@@ -53,6 +54,9 @@ def select_channels(gm: fx.GraphModule, keep: Mapping[str, Sequence[int]]) -> fx
 
 def select_from_view(view: MultitaskView, keep: Mapping[str, Sequence[int]]) -> fx.GraphModule:
     """`select_channels` on the merged network that ``view`` has read."""
+    fixed = view.fixed_layers.intersection(keep)
+    if fixed:
+        raise InputError(f"select_channels: layers {sorted(fixed)} are read or written by an op without a channel rule; their channels stay")
     index = _check_keep(keep, {name: rec.width for name, rec in view.records.items()})
     new = copy.deepcopy(view.gm)
     modules = Submodules(new)
@@ -66,20 +70,20 @@ def select_from_view(view: MultitaskView, keep: Mapping[str, Sequence[int]]) -> 
         if node.op != "call_module":
             continue
         module = modules[node.target]
-        if info.role == SHORTCUT:
+        if info.role == Role.SHORTCUT:
             set_module(new, node.target, _select_shortcut(module, index.get(info.source), index.get(info.layer)))
             continue
         tensors: dict[str, torch.Tensor | None] = {}
         mask = node.meta.get(META_MASK)
-        if info.role == DENSE and info.layer in index:
+        if info.role == Role.DENSE and info.layer in index:
             rows = index[info.layer]
             tensors["weight"] = module.weight.index_select(0, rows)
             if module.bias is not None:
                 tensors["bias"] = module.bias.index_select(0, rows)
             mask = mask.index_select(0, rows)
-        elif info.role not in (DENSE, HEAD) and info.layer in index:
+        elif info.role not in (Role.DENSE, Role.HEAD) and info.layer in index:
             tensors = {k: v.index_select(0, index[info.layer]) for k, v in channel_tensors(module).items()}
-        if info.role in (DENSE, HEAD) and info.source in index:
+        if info.role in (Role.DENSE, Role.HEAD) and info.source in index:
             cols = index[info.source]
             block = view.layers.nodes[node.args[0].name].block
             weight = tensors.get("weight", module.weight)
@@ -89,6 +93,12 @@ def select_from_view(view: MultitaskView, keep: Mapping[str, Sequence[int]]) -> 
             set_module(new, node.target, rebuild(module, **tensors))
         if mask is not None:
             node.meta[META_MASK] = mask
+        if META_CONV_GROUPS in node.meta:
+            out_ids, in_ids = node.meta[META_CONV_GROUPS]
+            node.meta[META_CONV_GROUPS] = (
+                out_ids.index_select(0, index[info.layer]) if info.layer in index else out_ids,
+                in_ids.index_select(0, index[info.source]) if info.source in index else in_ids,
+            )
     return shape_propagate(new, example_from_meta(view.gm), "merged network")
 
 
@@ -117,5 +127,7 @@ def sort_channels(gm: fx.GraphModule) -> fx.GraphModule:
 def sort_keep(view: MultitaskView) -> dict[str, list[int]]:
     """Per layer, its channel indices ordered by task set (stable): what `sort_channels` keeps."""
     return {
-        name: sorted(range(rec.width), key=lambda c, rec=rec: (rec.task_sets[c], c)) for name, rec in view.records.items()
+        name: sorted(range(rec.width), key=lambda c, rec=rec: (rec.task_sets[c], c))
+        for name, rec in view.records.items()
+        if name not in view.fixed_layers  # shared by all tasks: one group already
     }

@@ -103,6 +103,7 @@ def channels_to_remove(gm: fx.GraphModule, importance: Mapping[str, torch.Tensor
     ranked = sorted(
         (float(importance[layer][c]) / max(float(channel_cost[layer][c]), 1.0), layer, c)
         for layer, rec in view.records.items()
+        if layer not in view.fixed_layers  # read or written by an op without a channel rule
         for c in range(rec.width)
     )
     left = {(layer, t): sum(1 for s in rec.task_sets if s & view.tasks.bit(t))

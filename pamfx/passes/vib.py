@@ -25,7 +25,8 @@ import torch
 from torch import fx, nn
 
 from pamfx.analysis.cost import expected_channel_flops
-from pamfx.analysis.layer_organisation import DENSE, FLATTEN, HEAD, Submodules
+from pamfx.analysis.channel_rules import Role
+from pamfx.analysis.layer_organisation import Submodules
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
 from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet
@@ -65,21 +66,23 @@ class VIBGates(nn.Module):
 
 
 def gateable_layers(view: MultitaskView) -> list[str]:
-    """The layers whose output node is read only by dense ops and heads (directly or after a flatten)."""
+    """The layers whose output node is read only by dense ops and heads (directly or after a flatten),
+    except those an op without a channel rule reads or writes (their channels stay)."""
     roles = view.layers.nodes
     nodes = {n.name: n for n in view.gm.graph.nodes}
 
     def dense_only(node: fx.Node) -> bool:
         for user in node.users:
             role = roles[user.name].role if user.name in roles else None
-            if role == FLATTEN:
+            if role == Role.FLATTEN:
                 if not dense_only(user):
                     return False
-            elif role not in (DENSE, HEAD):
+            elif role not in (Role.DENSE, Role.HEAD):
                 return False
         return bool(node.users)
 
-    return [l.name for l in view.layers.layers if dense_only(nodes[l.output_node])]
+    return [l.name for l in view.layers.layers
+            if l.name not in view.fixed_layers and dense_only(nodes[l.output_node])]
 
 
 def gated_network(gm: fx.GraphModule, layers: list[str], seed: int = 0) -> tuple[fx.GraphModule, dict[str, VIBGates]]:
@@ -117,7 +120,7 @@ def fold_gates(gm: fx.GraphModule, scales: Mapping[str, torch.Tensor]) -> fx.Gra
     modules = Submodules(new)
     for node in new.graph.nodes:
         info = view.layers.nodes.get(node.name)
-        if info is None or info.role not in (DENSE, HEAD) or info.source not in scales or node.op != "call_module":
+        if info is None or info.role not in (Role.DENSE, Role.HEAD) or info.source not in scales or node.op != "call_module":
             continue
         module = modules[node.target]
         block = view.layers.nodes[node.args[0].name].block
