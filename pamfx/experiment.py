@@ -88,6 +88,7 @@ class ExperimentConfig:
     vib_kl: float = 1e-4
     vib_kl_growth: float = 1.5
     vib_lr: float = 3e-3
+    vib_alternate: bool = True
     cache: str | None = None
 
     @classmethod
@@ -199,7 +200,7 @@ class _Pruner:
             trajectory = prune_vib(network, self.train, loss, evaluate, search_tolerance=c.search_tolerance,
                                    epochs=c.vib_epochs, kl_weight=c.vib_kl, kl_growth=c.vib_kl_growth,
                                    patience=c.prune_patience,
-                                   gate_lr=c.vib_lr, lr=c.finetune_lr, **common)
+                                   gate_lr=c.vib_lr, alternate=c.vib_alternate, lr=c.finetune_lr, **common)
         if c.recover_candidates:
             recover(trajectory, self.train, loss, evaluate, tolerance=c.tolerance, candidates=c.recover_candidates,
                     epochs=c.recover_epochs, lr=c.finetune_lr, seed=self.seed, progress=self.progress)

@@ -165,13 +165,15 @@ def prune_vib(
     kl_growth: float = 1.5,
     lr: float = 1e-3,
     gate_lr: float = 1e-2,
+    alternate: bool = True,
     patience: int = 3,
     seed: int = 0,
     progress: bool = True,
 ) -> Trajectory:
     """P1 on a merged (or one-task) network; returns the trajectory (one checkpoint per epoch).
 
-    The KL weight starts at ``kl_weight`` and grows by ``kl_growth`` per epoch (KL annealing): the
+    With ``alternate`` (the paper's schedule) the second half of the epochs alternates per task;
+    otherwise every epoch is joint. The KL weight starts at ``kl_weight`` and grows by ``kl_growth`` per epoch (KL annealing): the
     gates of a constant weight cross the threshold almost together, within an epoch, which leaves
     no trajectory to select from; a growing weight prunes a few more channels every epoch.
     ``gm`` itself is not modified. An epoch whose network leaves a task more than
@@ -201,10 +203,9 @@ def prune_vib(
     gate_params = [p for g in gates.values() for p in g.parameters()]
     failures = 0
     for epoch in range(1, epochs + 1):
-        alternate = len(view.tasks) > 1 and epoch > epochs // 2
         finetune(net, train_loader, loss_fn, epochs=1, lr=lr, recalibrate_bn=False, seed=seed + epoch,
                  progress=progress, module=gated, penalty=penalty, extra_params=gate_params, extra_lr=gate_lr,
-                 alternate=alternate)
+                 alternate=alternate and len(view.tasks) > 1 and epoch > epochs // 2)
         candidate = fold_and_prune(net, gates)
         accuracy = evaluate(candidate)
         ok = all(accuracy[t] >= reference[t] - search_tolerance for t in accuracy)
