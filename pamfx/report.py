@@ -25,8 +25,10 @@ def _atomic_write(path: Path, text: str | None = None, figure=None) -> Path:
     return path
 
 
-def _pm(stat: dict[str, float], scale: float = 1.0, digits: int = 3, unit: str = "") -> str:
-    return f"{stat['mean'] * scale:.{digits}f}{unit} ± {stat['std'] * scale:.{digits}f}{unit}"
+def _pm(stat: dict[str, float], scale: float = 1.0, digits: int = 3, unit: str = "", spread: bool = True) -> str:
+    """``mean ± std`` (just the mean when ``spread`` is off: one seed has no spread)."""
+    mean = f"{stat['mean'] * scale:.{digits}f}{unit}"
+    return f"{mean} ± {stat['std'] * scale:.{digits}f}{unit}" if spread else mean
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -42,6 +44,7 @@ def format_table(results: dict[str, Any]) -> str:
     """Per combination: MFLOPs and test accuracy of every method (mean ± std over seeds), then the gains."""
     summary = results["summary"]
     methods = list(summary["combinations"][0]["flops"])
+    spread = len(summary["seeds"]) > 1
     header = (["tasks"] + [f"MFLOPs {m}" for m in methods] + ["pam/" + m for m in methods if m != "pam"]
               + [f"acc {m}" for m in methods])
     rows = []
@@ -49,18 +52,18 @@ def format_table(results: dict[str, Any]) -> str:
         flops = combo["flops"]
         rows.append(
             ["&".join(combo["tasks"])]
-            + [_pm(flops[m], 1e-6) for m in methods]
+            + [_pm(flops[m], 1e-6, spread=spread) for m in methods]
             + [f"{flops['pam']['mean'] / flops[m]['mean']:.2f}" for m in methods if m != "pam"]
-            + [_pm(combo["accuracy"][m], 100, 2, "%") for m in methods]
+            + [_pm(combo["accuracy"][m], 100, 2, "%", spread) for m in methods]
         )
     lines = _table(header, rows)
     tolerance = results["config"]["tolerance"]
     n = len(summary["seeds"])
-    ref = ", ".join(f"{t}: {_pm(a, 100, 2, '%')}" for t, a in summary["reference_accuracy"].items())
+    ref = ", ".join(f"{t}: {_pm(a, 100, 2, '%', spread)}" for t, a in summary["reference_accuracy"].items())
     lines += ["", f"unpruned single-task test accuracy: {ref}"]
     for base, gain in summary["gain"].items():
-        lines.append(f"PAM gain over {base}: average {_pm(gain['average'], digits=2, unit='x')}, "
-                     f"peak {_pm(gain['peak'], digits=2, unit='x')} (FLOPs ratio, {n} seed{'s' * (n > 1)})")
+        lines.append(f"PAM gain over {base}: average {_pm(gain['average'], digits=2, unit='x', spread=spread)}, "
+                     f"peak {_pm(gain['peak'], digits=2, unit='x', spread=spread)} (FLOPs ratio, {n} seed{'s' * (n > 1)})")
     for base, gaps in summary["test_accuracy_gap_pam_minus"].items():
         for task, gap in gaps.items():
             if abs(gap["mean"]) > tolerance:
