@@ -36,7 +36,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sklearn.metrics import mutual_info_score  # noqa: E402
 
 from pamfx import experiment  # noqa: E402
 from pamfx.atomic import atomic_path  # noqa: E402
@@ -75,7 +74,7 @@ PAPER_GAINS = {"baseline1": {"average": (1.07, 1.64), "peak": (1.16, 4.87)},
                "mtz": {"average": (1.51, 1.69), "peak": (1.56, 2.01)}}
 PAPER_TABLES = {"4.2": PAPER_TABLE_4_2, "4.4": PAPER_TABLE_4_4}
 TABLE_TITLES = {
-    "4.2": "Table 4.2 analogue: LeNet-5, 2 tasks, tiled-mnist (paper: LeNet-5 on multi-label Fashion-MNIST)",
+    "4.2": "Table 4.2 analogue: LeNet-5, 2 tasks (paper: LeNet-5 on multi-label Fashion-MNIST)",
     "4.4": "Table 4.4 analogue: VGG-style network, 5 tasks (paper: VGG-16 on LFW, 5 tasks)",
     "4.5": "Table 4.5 analogue: ResNet-style network, 2 tasks, P2 (paper: ResNet-18/34 on CelebA)",
 }
@@ -139,11 +138,11 @@ FULL = ReproductionPlan(
 #: ``--quick``: 16×16 tiled-digits, fewer samples, epochs and pruning rounds, 2 seeds, fewer ablation points.
 QUICK = ReproductionPlan(
     name="quick", seeds=[0, 1],
-    common=dict(dataset="tiled-digits", n_train=1200, n_calib=800, n_test=800, epochs=4, methods=["baseline1", "mtz", "pam"],
+    common=dict(dataset="tiled-digits", n_train=1200, n_calib=1600, n_test=800, epochs=4, methods=["baseline1", "mtz", "pam"],
                 finetune_epochs=1, prune_rounds=12, prune_finetune_steps=25, prune_step=0.15, importance_batches=4,
                 tolerance=0.01, search_tolerance=0.02, vib_epochs=4, mtz_samples=200, mtz_finetune_steps=25,
                 recover_candidates=1, recover_epochs=1, regroup_samples=200),
-    tables={k: dict(v, n_calib=1600, width=0.5) if v["model"] != "lenet5" else v for k, v in _TABLES.items()},
+    tables={k: dict(v, n_calib=1600, width=0.5) if v["model"] != "lenet5" else dict(v) for k, v in _TABLES.items()},
     ablation=dict(model="lenet5", tasks=2, pruner="taylor", methods=["baseline1", "pam"]),
     alphas=[0.05, 0.3, 0.8], overlaps=[0, 3, 5],
 )
@@ -236,6 +235,10 @@ def label_relatedness(dataset: str, seed: int, labels: Mapping[str, list[int]], 
     """I(Y^A; Y^B) in bits between the two tasks' label vectors on the training split, as Sec. 4.6.3.2
     measures relatedness: each task's binary label vector is one discrete variable, and the estimate
     is the plug-in one of `sklearn.metrics.mutual_info_score` (biased upward on few samples)."""
+    try:
+        from sklearn.metrics import mutual_info_score
+    except ImportError as exc:
+        raise ImportError("scikit-learn is needed for the relatedness study: pip install 'pamfx[data]'") from exc
     train = load_dataset(dataset, seed=seed, n_train=n_train, n_calib=1, n_test=1).train.labels.numpy().astype(np.int64)
     codes = [train[:, idx] @ (1 << np.arange(len(idx))) for idx in labels.values()]
     return float(mutual_info_score(*codes) / np.log(2))
@@ -375,7 +378,9 @@ def _table_section(table: str, settings: Mapping[str, Results]) -> list[str]:
                         " / ".join(f"{v:.2f}" for v in flops) if flops else "—"]
             rows.append(row)
         tasks = ", ".join(f"{letters[t]} = {t}" for t in results["tasks"])
-        lines += [f"### {pruner} ({results['config']['pruner']}), {results['config']['model']}, {len(results['seeds'])} seeds",
+        config = results["config"]
+        lines += [f"### {pruner} ({config['pruner']}), {config['model']} (width {config['width']:g}) on {config['dataset']}, "
+                  f"{len(results['seeds'])} seeds",
                   "", f"Tasks: {tasks}. Our numbers are mean ± std over the seeds; accuracy is the mean binary "
                   "accuracy over the combination's labels on the test split.", ""]
         lines += _md(header, rows)

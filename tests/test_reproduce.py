@@ -46,6 +46,7 @@ def monkeypatch_module():
         yield mp
 
 
+@pytest.mark.slow
 def test_the_document_has_every_section_the_paper_columns_and_its_plots(reproduction):
     out, path, _ = reproduction
     text = path.read_text()
@@ -65,6 +66,7 @@ def test_the_document_has_every_section_the_paper_columns_and_its_plots(reproduc
     assert not [p for p in out.rglob(".*")]  # no temp files left
 
 
+@pytest.mark.slow
 def test_the_numbers_are_those_of_the_runs(reproduction):
     out, path, _ = reproduction
     text = path.read_text()
@@ -85,6 +87,7 @@ def test_the_numbers_are_those_of_the_runs(reproduction):
     assert inclusion["tasks"] == list(inclusion_split(10, 5))
 
 
+@pytest.mark.slow
 def test_a_second_call_reads_every_run_back(reproduction):
     out, path, _ = reproduction
     before = {p: p.read_text() for p in out.glob("*/results.json")}
