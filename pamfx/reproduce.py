@@ -25,7 +25,7 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 from unittest import mock
@@ -130,7 +130,7 @@ _TABLES = {"4.2-P1": dict(model="lenet5", tasks=2), "4.2-P2": dict(model="lenet5
 FULL = ReproductionPlan(
     name="full", seeds=[0, 1, 2],
     common=dict(dataset="tiled-mnist", epochs=8, methods=["baseline1", "mtz", "pam"]),
-    tables={k: dict(v, epochs=6) if v["model"] != "lenet5" else v for k, v in _TABLES.items()},
+    tables={k: dict(v, epochs=6) if v["model"] != "lenet5" else dict(v) for k, v in _TABLES.items()},
     ablation=dict(model="lenet5", tasks=2, pruner="taylor", methods=["baseline1", "pam"]),
     alphas=[0.05, 0.1, 0.2, 0.3, 0.5, 0.8], overlaps=[0, 1, 2, 3, 4, 5],
 )
@@ -146,9 +146,6 @@ QUICK = ReproductionPlan(
     ablation=dict(model="lenet5", tasks=2, pruner="taylor", methods=["baseline1", "pam"]),
     alphas=[0.05, 0.3, 0.8], overlaps=[0, 3, 5],
 )
-
-PLANS = {"full": FULL, "quick": QUICK}
-
 
 @contextlib.contextmanager
 def _label_split(labels: Mapping[str, list[int]] | None) -> Iterator[None]:
