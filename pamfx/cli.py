@@ -27,6 +27,8 @@ same accuracy on the calibration split (the cheapest checkpoint within the toler
                              | "vib", methods = ["baseline1", "mtz", "pam"], seeds = [0, 1, 2],
                              alpha, tolerance, combination_weights, ... (configs/ has examples)
   pamfx run configs/lenet5-2tasks-p2.toml --seeds 0 1 2
+  pamfx reproduce [--quick]  the paper's Sec. 4.6 (Tables 4.2/4.4/4.5, Figs. 4.5-4.7, ablations)
+                             re-measured: REPRODUCTION.md with the paper's numbers beside ours
 
 Results (table with mean ± std over seeds, results.json, results.csv, PNG plots including the
 FLOPs-accuracy frontier) go to --out (default ./pamfx-out).
@@ -80,13 +82,36 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--out", type=Path, default=Path("pamfx-out"), help="where results and plots go (default: pamfx-out)")
         cmd.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for small nets)")
         cmd.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    text = "re-measure the paper's Sec. 4.6 and write REPRODUCTION.md with plots"
+    cmd = sub.add_parser("reproduce", help=text, description=text)
+    cmd.add_argument("--quick", action="store_true", help="the reduced plan (16x16 tiles, 2 seeds): minutes, not hours")
+    cmd.add_argument("--seeds", type=int, nargs="+", help="override the plan's seeds")
+    cmd.add_argument("--out", type=Path, default=Path("pamfx-reproduction"), help="output folder (default: pamfx-reproduction)")
+    cmd.add_argument("--force", action="store_true", help="rerun runs whose results.json already holds the same config")
+    cmd.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    cmd.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from pamfx.reproduce import FULL, QUICK, reproduce
+
+    plan = QUICK if args.quick else FULL
+    if args.seeds:
+        plan = dataclasses.replace(plan, seeds=list(args.seeds))
+    plan.validate()
+    command = "pamfx reproduce" + " --quick" * args.quick + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
+    path = reproduce(args.out, plan, force=args.force, progress=not args.no_progress, command=command)
+    print(f"written: {path}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     try:
+        if args.command == "reproduce":
+            return _reproduce(args)
         config = ExperimentConfig() if args.command == "demo" else load_config(args.config)
         if args.seeds:
             config = dataclasses.replace(config, seeds=list(args.seeds))

@@ -1,0 +1,163 @@
+"""`pamfx reproduce` end to end on a tiny plan, and the label splits of the ablations."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pamfx.cli import main
+from pamfx.data import inclusion_split, load_dataset, overlap_split
+from pamfx.errors import InputError
+from pamfx.reproduce import FULL, PAPER_TABLE_4_2, QUICK, ReproductionPlan, _gains_over, label_relatedness, reproduce
+
+TINY_RUN = dict(dataset="tiled-digits", n_train=160, n_calib=120, n_test=80, epochs=1, finetune_epochs=1,
+                prune_rounds=1, prune_finetune_steps=2, prune_step=0.3, importance_batches=1, tolerance=0.05,
+                search_tolerance=0.1, vib_epochs=1, mtz_samples=40, mtz_finetune_steps=2, recover_candidates=0,
+                regroup_samples=60, methods=["baseline1", "mtz", "pam"], width=0.5)
+TINY = ReproductionPlan(
+    name="tiny", seeds=[0, 1], common=TINY_RUN,
+    tables={"4.2-P1": dict(model="lenet5", tasks=2), "4.2-P2": dict(model="lenet5", tasks=2),
+            "4.4-P2": dict(model="lenet5", tasks=5, regroup_variant="simplified", width=0.25),
+            "4.5-P2": dict(model="resnet", tasks=2, width=0.25)},
+    ablation=dict(model="lenet5", tasks=2, pruner="taylor", methods=["baseline1", "pam"]),
+    alphas=[0.05, 0.5], overlaps=[0, 5], task_size=5, inclusion=(10, 5),
+)
+SECTIONS = ["Table 4.2 analogue", "Table 4.4 analogue", "Table 4.5 analogue", "Fig. 4.5 analogue", "Fig. 4.6 analogue",
+            "Fig. 4.7 analogue", "Sec. 4.6.3.1 analogue", "Sec. 4.6.3.2 analogue", "Sec. 4.6.3.3 analogue"]
+
+
+@pytest.fixture(scope="module")
+def reproduction(tmp_path_factory, monkeypatch_module):
+    out = tmp_path_factory.mktemp("reproduction")
+    monkeypatch_module.setenv("PAMFX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    lines: list[str] = []
+    path = reproduce(out, TINY, progress=False, log=lines.append)
+    return out, path, lines
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.mark.slow
+def test_the_document_has_every_section_the_paper_columns_and_its_plots(reproduction):
+    out, path, _ = reproduction
+    text = path.read_text()
+    positions = [text.index(f"## {section}") for section in SECTIONS]
+    assert positions == sorted(positions)
+    assert text.count("paper MFLOPs B1 / B2 / PAM") == 3  # Table 4.2 P1 and P2, Table 4.4 P2
+    for pruner in ("P1", "P2"):
+        for (acc, flops) in PAPER_TABLE_4_2[pruner].values():
+            assert " / ".join(f"{v:.2f}" for v in flops) in text
+    assert "1.51–1.69" in text and "1.07–1.64" in text  # the paper's gain ranges beside ours
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert len(images) == 5
+    for image in images:
+        assert (out / image).read_bytes()[:4] == b"\x89PNG"
+    for name in list(TINY.tables) + ["alpha-0.05", "alpha-0.5", "overlap-0", "overlap-5", "inclusion"]:
+        assert f"| {name} |" in text  # its wall time
+    assert not [p for p in out.rglob(".*")]  # no temp files left
+
+
+@pytest.mark.slow
+def test_the_numbers_are_those_of_the_runs(reproduction):
+    out, path, _ = reproduction
+    text = path.read_text()
+    for setting in TINY.tables:
+        results = json.loads((out / setting / "results.json").read_text())
+        assert results["config"]["seeds"] == TINY.seeds
+        gain = results["summary"]["gain"]["mtz"]["average"]
+        assert f"{gain['mean']:.2f} ± {gain['std']:.2f}" in text
+        # the gain helper of the α sweep agrees with the comparison's own
+        ours = _gains_over(results, results)
+        for kind in ("average", "peak"):
+            assert ours[kind]["mean"] == pytest.approx(results["summary"]["gain"]["baseline1"][kind]["mean"])
+    # the α sweep prunes the networks of 4.2-P2 again, so it reuses that run's baseline 1
+    sweep = json.loads((out / "alpha-0.05" / "results.json").read_text())
+    assert sweep["config"]["methods"] == ["pam"] and sweep["config"]["alpha"] == 0.05
+    inclusion = json.loads((out / "inclusion" / "results.json").read_text())
+    assert inclusion["labels"] == inclusion_split(10, 5)
+    assert inclusion["tasks"] == list(inclusion_split(10, 5))
+
+
+@pytest.mark.slow
+def test_a_second_call_reads_every_run_back(reproduction):
+    out, path, _ = reproduction
+    before = {p: p.read_text() for p in out.glob("*/results.json")}
+    lines: list[str] = []
+    reproduce(out, TINY, progress=False, log=lines.append)
+    assert len([line for line in lines if "read back" in line]) == len(before)
+    assert {p: p.read_text() for p in out.glob("*/results.json")} == before
+
+
+def test_relatedness_grows_with_the_overlap():
+    bits = [label_relatedness("tiled-digits", 0, overlap_split(5, o), 600) for o in range(6)]
+    assert all(a < b for a, b in zip(bits, bits[1:]))
+    # identical tasks: I(Y; Y) = H(Y)
+    labels = load_dataset("tiled-digits", seed=0, n_train=600, n_calib=1, n_test=1).train.labels[:, :5]
+    _, counts = np.unique(labels.numpy(), axis=0, return_counts=True)
+    p = counts / counts.sum()
+    assert bits[-1] == pytest.approx(float(-(p * np.log2(p)).sum()))
+
+
+@given(st.integers(1, 10), st.data())
+def test_overlap_split_shares_exactly_the_overlap(task_size, data):
+    overlap = data.draw(st.integers(max(0, 2 * task_size - 10), task_size))
+    split = overlap_split(task_size, overlap)
+    (a, la), (b, lb) = split.items()
+    assert a != b
+    assert len(la) == len(lb) == task_size
+    assert len(set(la) & set(lb)) == overlap
+    assert set(la) | set(lb) <= set(range(10))
+
+
+@given(st.integers(2, 10), st.data())
+def test_inclusion_split_makes_b_a_proper_subset_of_a(size_a, data):
+    size_b = data.draw(st.integers(1, size_a - 1))
+    (a, la), (b, lb) = inclusion_split(size_a, size_b).items()
+    assert a != b and len(la) == size_a and len(lb) == size_b
+    assert set(lb) < set(la)
+
+
+@pytest.mark.parametrize("args", [(5, 6), (5, -1), (6, 1), (0, 0), (11, 0), (5.0, 1), (True, 0)])
+def test_overlap_split_rejects_bad_sizes(args):
+    with pytest.raises(InputError):
+        overlap_split(*args)
+
+
+@pytest.mark.parametrize("args", [(5, 5), (5, 6), (5, 0), (11, 5), (1, 0), (10, 2.5)])
+def test_inclusion_split_rejects_bad_sizes(args):
+    with pytest.raises(InputError):
+        inclusion_split(*args)
+
+
+@pytest.mark.parametrize("plan", [FULL, QUICK], ids=["full", "quick"])
+def test_the_shipped_plans_are_valid(plan):
+    plan.validate()
+    configs = [plan.table_config(s) for s in plan.tables] + [plan.ablation_config()]
+    assert all(c.seeds == plan.seeds for c in configs)
+    assert {c.pruner for c in configs} == {"taylor", "vib"}
+    assert {c.model for c in configs} >= {"lenet5", "vgg", "resnet"}
+    assert all(len(overlap_split(plan.task_size, o)) == 2 for o in plan.overlaps)
+
+
+def test_the_command_line_runs_the_chosen_plan(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr("pamfx.reproduce.reproduce", lambda out, plan, **kw: calls.append((out, plan, kw)) or out)
+    assert main(["reproduce", "--quick", "--seeds", "3", "4", "--out", str(tmp_path), "--no-progress"]) == 0
+    (out, plan, kw), = calls
+    assert out == tmp_path and plan.name == "quick" and plan.seeds == [3, 4]
+    assert kw["command"] == "pamfx reproduce --quick --seeds 3 4" and kw["progress"] is False
+    assert main(["reproduce", "--seeds", "-1"]) == 2  # refused before any run
+    bad = dataclasses.replace(TINY, tables={"4.3-P2": {}})
+    with pytest.raises(InputError, match="unknown setting '4.3-P2'"):
+        bad.validate()
+    with pytest.raises(InputError, match="overlap"):
+        dataclasses.replace(TINY, overlaps=[6]).validate()
