@@ -54,6 +54,7 @@ class ExperimentConfig:
     dataset: str = "tiled-mnist"
     model: str = "lenet5"
     tasks: int = 2
+    labels: dict[str, list[int]] | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     methods: list[str] = field(default_factory=lambda: ["baseline1", "pam"])
     n_train: int = 3000
@@ -110,6 +111,9 @@ class ExperimentConfig:
             (self.regroup_samples >= 2, f"'regroup_samples' must be >= 2, got {self.regroup_samples}"),
             (0 < self.prune_step <= 1, f"'prune_step' must be in (0, 1], got {self.prune_step}"),
             (0 <= self.prune_floor < 1, f"'prune_floor' must be in [0, 1), got {self.prune_floor}"),
+            (self.labels is None or (isinstance(self.labels, dict) and len(self.labels) >= 2 and all(
+                isinstance(t, str) and "&" not in t and isinstance(v, list) and v for t, v in self.labels.items())),
+             f"'labels' must map at least two task names (without '&') to non-empty label lists, got {self.labels!r}"),
             (self.pruner in PRUNERS, f"'pruner' must be one of {PRUNERS}, got {self.pruner!r}"),
             (isinstance(self.seeds, list) and len(self.seeds) > 0 and all(isinstance(s, int) and s >= 0 for s in self.seeds),
              f"'seeds' must be a non-empty list of non-negative ints, got {self.seeds!r}"),
@@ -215,7 +219,7 @@ def _selected(trajectory: Trajectory, tolerance: float) -> tuple[Checkpoint, boo
 def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Callable[[str], None] = print) -> SeedRun:
     """Run the configured methods on one seed (see the module docstring)."""
     data = load_dataset(config.dataset, seed=seed, n_train=config.n_train, n_calib=config.n_calib, n_test=config.n_test)
-    label_map = task_split(config.tasks)
+    label_map = dict(config.labels) if config.labels is not None else task_split(config.tasks)
     tasks = TaskSpace(tuple(label_map))
     log(f"[seed {seed}] [1/{len(config.methods) + 1}] single-task networks: {config.model} on {config.dataset}, tasks {list(tasks)}")
     models = {
@@ -224,13 +228,11 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
         for i, t in enumerate(tasks)
     }
     example = data.train[0][0][None]
-    train = _loader(data.train, config.batch_size, seed)
     calib_reference = {t: evaluate_multitask(m, data.calib, {t: label_map[t]})[t] for t, m in models.items()}
     test_reference = {t: evaluate_multitask(m, data.test, {t: label_map[t]})[t] for t, m in models.items()}
     check_calibration_noise(calib_reference, len(data.calib), {t: len(label_map[t]) for t in tasks}, config.tolerance,
                             strict=config.strict_noise)
     run = SeedRun(seed, tasks, test_reference, calib_reference, _parse_weights(tasks, config.combination_weights))
-    pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
 
     n = min(config.regroup_samples, len(data.calib))
     labels = {t: data.calib.labels[:n, label_map[t]] for t in tasks}
@@ -238,6 +240,10 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
     for step, method in enumerate(config.methods, start=2):
         log(f"[seed {seed}] [{step}/{len(config.methods) + 1}] {METHOD_TITLES[method]}, {config.pruner} pruning")
         start = time.perf_counter()
+        # every method gets its own loader with the same seed: a method's result never depends on
+        # which methods ran before it
+        train = _loader(data.train, config.batch_size, seed)
+        pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
         if method == "baseline1":
             singles = {t: finetune(as_multitask(m, example, t), train, multilabel_loss({t: label_map[t]}),
                                    epochs=config.finetune_epochs, lr=config.finetune_lr, seed=seed, progress=progress)

@@ -19,7 +19,6 @@ already holds the same configuration is read back, so an interrupted reproductio
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import platform
@@ -27,8 +26,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
-from unittest import mock
+from typing import Any, Callable, Mapping
 
 import matplotlib
 
@@ -37,7 +35,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pamfx import experiment  # noqa: E402
 from pamfx.atomic import atomic_path  # noqa: E402
 from pamfx.data import inclusion_split, load_dataset, overlap_split  # noqa: E402
 from pamfx.errors import InputError  # noqa: E402
@@ -148,34 +145,21 @@ QUICK = ReproductionPlan(
     alphas=[0.05, 0.3, 0.8], overlaps=[0, 3, 5],
 )
 
-@contextlib.contextmanager
-def _label_split(labels: Mapping[str, list[int]] | None) -> Iterator[None]:
-    """Run the comparison on two tasks with the given labels instead of `task_split`'s.
-
-    `ExperimentConfig` has no key for an arbitrary label split (only ``tasks``, a count), so the
-    relatedness and inclusion studies substitute the experiment module's label split while they run.
-    """
-    if labels is None:
-        yield
-        return
-    with mock.patch.object(experiment, "task_split", lambda num_tasks: dict(labels)):
-        yield
-
 
 def _run(name: str, config: ExperimentConfig, out: Path, *, force: bool, progress: bool, log: Callable[[str], None],
          labels: Mapping[str, list[int]] | None = None) -> Results:
     """One comparison into ``out/name``; read back when its results.json holds the same configuration."""
+    if labels is not None:
+        config = dataclasses.replace(config, labels={t: list(v) for t, v in labels.items()})
     target = out / name / "results.json"
     if target.exists() and not force:
         saved = json.loads(target.read_text())
-        if saved["config"] == json.loads(json.dumps(dataclasses.asdict(config))) and saved.get("labels") == labels:
+        if saved["config"] == json.loads(json.dumps(dataclasses.asdict(config))):
             log(f"{name}: read back from {target}")
             return saved
     started = time.perf_counter()
-    with _label_split(labels):
-        runs = run_comparison(config, progress=progress, log=lambda line: log(f"{name}: {line}"))
+    runs = run_comparison(config, progress=progress, log=lambda line: log(f"{name}: {line}"))
     results = results_dict(config, runs)
-    results["labels"] = labels
     results["wall_seconds"] = time.perf_counter() - started
     write_report(results, target.parent, runs[0].regrouping)
     with atomic_path(target.parent / "table.txt") as tmp:

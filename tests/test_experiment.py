@@ -120,3 +120,19 @@ def test_any_set_of_methods_compares_mtz_as_baseline_2(tmp_path):
     assert "pam/mtz" in format_table(results)
     with pytest.raises(InputError, match="methods"):
         ExperimentConfig.from_mapping({"methods": ["baseline1", "mtz"]})
+
+
+def test_a_method_does_not_depend_on_the_methods_run_before_it(tmp_path):
+    base = dict(TINY, seeds=[0], cache=str(tmp_path))
+    alone = run_comparison(ExperimentConfig.from_mapping(dict(base, methods=["pam"])), progress=False, log=lambda *_: None)
+    after = run_comparison(ExperimentConfig.from_mapping(base), progress=False, log=lambda *_: None)
+    assert alone[0].methods["pam"].flops == after[0].methods["pam"].flops
+    assert alone[0].methods["pam"].test_accuracy == after[0].methods["pam"].test_accuracy
+
+
+def test_a_config_may_name_its_tasks_labels():
+    config = ExperimentConfig.from_mapping({"labels": {"low": [0, 1, 2], "high": [2, 3]}})
+    assert config.labels == {"low": [0, 1, 2], "high": [2, 3]}
+    for bad in ({"only": [0]}, {"a&b": [0], "c": [1]}, {"a": [], "b": [1]}):
+        with pytest.raises(InputError, match="labels"):
+            ExperimentConfig.from_mapping({"labels": bad})

@@ -83,7 +83,7 @@ def test_the_numbers_are_those_of_the_runs(reproduction):
     sweep = json.loads((out / "alpha-0.05" / "results.json").read_text())
     assert sweep["config"]["methods"] == ["pam"] and sweep["config"]["alpha"] == 0.05
     inclusion = json.loads((out / "inclusion" / "results.json").read_text())
-    assert inclusion["labels"] == inclusion_split(10, 5)
+    assert inclusion["config"]["labels"] == inclusion_split(10, 5)
     assert inclusion["tasks"] == list(inclusion_split(10, 5))
 
 
