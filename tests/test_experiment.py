@@ -136,3 +136,19 @@ def test_a_config_may_name_its_tasks_labels():
     for bad in ({"only": [0]}, {"a&b": [0], "c": [1]}, {"a": [], "b": [1]}):
         with pytest.raises(InputError, match="labels"):
             ExperimentConfig.from_mapping({"labels": bad})
+
+
+def test_the_table_flags_every_seed_whose_test_accuracies_differ_beyond_the_tolerance(tiny_results):
+    import copy
+
+    _, results = tiny_results
+    results = copy.deepcopy(results)
+    tolerance = results["config"]["tolerance"]
+    for run in results["seeds"]:  # make the methods agree exactly, then push seed 1's PAM off on one task
+        for combo in run["combinations"]:
+            combo["accuracy"]["pam"] = dict(combo["accuracy"]["baseline1"])
+    assert "not at matched accuracy" not in format_table(results)
+    single = next(c for c in results["seeds"][1]["combinations"] if c["tasks"] == ["digits_5_9"])
+    single["accuracy"]["pam"]["digits_5_9"] -= 2 * tolerance
+    lines = [line for line in format_table(results).splitlines() if "not at matched accuracy" in line]
+    assert len(lines) == 1 and "digits_5_9" in lines[0] and "seed 1" in lines[0] and "seed 0" not in lines[0]
