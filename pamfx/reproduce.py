@@ -146,19 +146,21 @@ QUICK = ReproductionPlan(
 )
 
 
-def _run(name: str, config: ExperimentConfig, out: Path, *, force: bool, progress: bool, log: Callable[[str], None],
-         labels: Mapping[str, list[int]] | None = None) -> Results:
-    """One comparison into ``out/name``; read back when its results.json holds the same configuration."""
-    if labels is not None:
-        config = dataclasses.replace(config, labels={t: list(v) for t, v in labels.items()})
-    target = out / name / "results.json"
+def run_into(folder: Path, config: ExperimentConfig, *, force: bool = False, progress: bool = True,
+             log: Callable[[str], None] = print) -> Results:
+    """The comparison of ``config`` with its report (results.json, table.txt, plots) in ``folder``.
+
+    When ``folder`` already holds the results of the same configuration they are read back instead
+    (``force`` reruns). Used by `reproduce` and by tools/bench_gain.py.
+    """
+    target = Path(folder) / "results.json"
     if target.exists() and not force:
         saved = json.loads(target.read_text())
         if saved["config"] == json.loads(json.dumps(dataclasses.asdict(config))):
-            log(f"{name}: read back from {target}")
+            log(f"read back from {target}")
             return saved
     started = time.perf_counter()
-    runs = run_comparison(config, progress=progress, log=lambda line: log(f"{name}: {line}"))
+    runs = run_comparison(config, progress=progress, log=log)
     results = results_dict(config, runs)
     results["wall_seconds"] = time.perf_counter() - started
     write_report(results, target.parent, runs[0].regrouping)
@@ -516,7 +518,10 @@ def reproduce(out: str | Path, plan: ReproductionPlan = FULL, *, force: bool = F
     results: dict[str, Results] = {}
 
     def run(name: str, config: ExperimentConfig, labels: Mapping[str, list[int]] | None = None) -> Results:
-        results[name] = _run(name, config, out, force=force, progress=progress, log=log, labels=labels)
+        if labels is not None:
+            config = dataclasses.replace(config, labels={t: list(v) for t, v in labels.items()})
+        results[name] = run_into(out / name, config, force=force, progress=progress,
+                                 log=lambda line: log(f"{name}: {line}"))
         return results[name]
 
     tables = {setting: run(setting, plan.table_config(setting)) for setting in plan.tables}

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
-import time
 from pathlib import Path
 
 import torch
 
 from pamfx.cli import load_config
-from pamfx.experiment import ExperimentConfig, results_dict, run_comparison
-from pamfx.report import format_table, write_report
+from pamfx.experiment import ExperimentConfig
+from pamfx.report import format_table
+from pamfx.reproduce import run_into
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["demo", "lenet5-2tasks-p2", "lenet5-2tasks-p1", "lenet5-5tasks-p2", "lenet5-5tasks-p1", "vgg-2tasks-p2"]
@@ -40,18 +39,8 @@ def run_setting(setting: str, seeds: list[int] | None, out: Path, force: bool, p
     config = config_of(setting)
     if seeds:
         config = dataclasses.replace(config, seeds=seeds)
-    target = out / setting / "results.json"
-    if target.exists() and not force:
-        saved = json.loads(target.read_text())
-        if saved["config"] == json.loads(json.dumps(dataclasses.asdict(config))):
-            print(f"{setting}: read back from {target}")
-            return saved
-    started = time.perf_counter()
-    runs = run_comparison(config, progress=progress, log=lambda line: print(f"{setting}: {line}", flush=True))
-    results = results_dict(config, runs)
-    results["wall_seconds"] = time.perf_counter() - started
-    write_report(results, target.parent, runs[0].regrouping)
-    (target.parent / "table.txt").write_text(format_table(results) + "\n")
+    results = run_into(out / setting, config, force=force, progress=progress,
+                       log=lambda line: print(f"{setting}: {line}", flush=True))
     print(format_table(results), flush=True)
     return results
 

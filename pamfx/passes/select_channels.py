@@ -13,7 +13,7 @@ import operator
 from typing import Mapping, Sequence
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from pamfx.analysis.channel_rules import Role
 from pamfx.analysis.layer_organisation import Submodules
