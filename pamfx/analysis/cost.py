@@ -149,8 +149,11 @@ def channel_flops(gm: fx.GraphModule, tasks: Iterable[str] | str | TaskSet | Non
     FLOPs pruning it removes from that combination. Channels the combination does not run count 0.
     """
     view = read_multitask(gm)
-    combo = view.tasks.select(tasks)
-    active = {name: torch.tensor([bool(t & combo) for t in rec.task_sets]) for name, rec in view.records.items()}
+    return _channel_flops(view, view.tasks.select(tasks))
+
+
+def _channel_flops(view: MultitaskView, combo: TaskSet) -> dict[str, torch.Tensor]:
+    active = {name: rec.serves(combo) for name, rec in view.records.items()}  # τ ∩ S ≠ ∅
     out = {name: torch.zeros(rec.width, dtype=torch.float64) for name, rec in view.records.items()}
     for node, info, module, positions in _module_nodes(view):
         if info.role == Role.HEAD and not combo & view.tasks.bit(info.task):
@@ -192,19 +195,15 @@ def combination_weights(
     return {c: w / total for c, w in out.items()}
 
 
-def expected_cost(gm: fx.GraphModule, weights: Mapping[TaskSet, float]) -> float:
-    """Expected FLOPs of a merged network under a usage distribution (`combination_weights`)."""
-    return sum(w * cost(gm, c).flops for c, w in weights.items() if w > 0)
-
-
 def expected_channel_flops(gm: fx.GraphModule, weights: Mapping[TaskSet, float]) -> dict[str, torch.Tensor]:
     """Per layer, each channel's expected FLOPs: Σ_S w(S) · `channel_flops` (S), i.e. a channel of task
     set τ costs its FLOPs in every combination S with S ∩ τ ≠ ∅, weighted by how often S runs."""
+    view = read_multitask(gm)
     total: dict[str, torch.Tensor] = {}
     for combo, w in weights.items():
         if w <= 0:
             continue
-        for layer, flops in channel_flops(gm, combo).items():
+        for layer, flops in _channel_flops(view, combo).items():
             total[layer] = total.get(layer, 0) + w * flops
     return total
 
@@ -220,8 +219,7 @@ def cross_origin_flops(gm: fx.GraphModule, tasks: Iterable[str] | str | TaskSet 
         if info.role != Role.DENSE or info.source is None:
             continue
         out_rec, in_rec = view.records[info.layer], view.records[info.source]
-        rows = torch.tensor([bool(t & combo) for t in out_rec.task_sets])
-        cols = torch.tensor([bool(t & combo) for t in in_rec.task_sets])
+        rows, cols = out_rec.serves(combo), in_rec.serves(combo)
         foreign = torch.tensor([[o[0] != i[0] for i in in_rec.origins] for o in out_rec.origins])
         edges = node.meta[META_MASK] & foreign & rows[:, None] & cols[None, :]
         macs += int(edges.sum()) * _kernel(module) * view.layers.nodes[node.args[0].name].block * positions

@@ -133,7 +133,8 @@ class LayerTaskSets:
         return len(self.task_sets)
 
     def serves(self, task_bit: int) -> torch.Tensor:
-        """Bool per channel: does the task ``task_bit`` use it (t ∈ τ(c))? What a head may read."""
+        """Bool per channel: does τ(c) meet the bitmask ``task_bit``? For one task: does it use the
+        channel (what a head may read); for a combination S: is the channel active (τ ∩ S ≠ ∅)."""
         return torch.tensor([bool(t & task_bit) for t in self.task_sets], dtype=torch.bool)
 
     def select(self, keep: list[int]) -> "LayerTaskSets":

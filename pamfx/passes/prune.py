@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Mapping
 
 from torch import fx
 
-from pamfx.analysis.cost import cost
+from pamfx.analysis.cost import merged_cost
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet, TaskSpace
@@ -69,7 +69,8 @@ class Trajectory:
     checkpoints: list[Checkpoint] = field(default_factory=list)
 
     def record(self, round_: int, network: fx.GraphModule, accuracy: Mapping[str, float], accepted: bool) -> Checkpoint:
-        flops = {c: cost(network, c).flops for c in self.tasks.combinations()}
+        view = read_multitask(network)  # read once for every combination
+        flops = {c: merged_cost(view, c).flops for c in self.tasks.combinations()}
         point = Checkpoint(round_, flops, sum(self.weights[c] * f for c, f in flops.items()), dict(accuracy), accepted,
                            network if accepted else None)
         self.checkpoints.append(point)
