@@ -33,7 +33,7 @@ from pamfx.analysis.regroup import RegroupResult, regroup
 from pamfx.data import load_dataset, task_split
 from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet, TaskSpace
-from pamfx.passes.finetune import finetune, multilabel_loss
+from pamfx.passes.finetune import SCHEDULES, finetune, multilabel_loss
 from pamfx.passes.merge import as_multitask, merge
 from pamfx.passes.mtz import mtz_merge
 from pamfx.passes.prune import Checkpoint, Trajectory, check_calibration_noise, recover
@@ -70,6 +70,7 @@ class ExperimentConfig:
     regroup_variant: str = "full"
     finetune_epochs: int = 2
     finetune_lr: float = 1e-3
+    finetune_schedule: str = "cosine"
     pruner: str = "taylor"
     tolerance: float = 0.005
     search_tolerance: float = 0.01
@@ -81,6 +82,7 @@ class ExperimentConfig:
     prune_patience: int = 4
     prune_floor: float = 0.02
     importance_batches: int = 10
+    prune_exclusive: bool = True
     mtz_samples: int = 500
     mtz_finetune_steps: int = 200
     recover_candidates: int = 3
@@ -114,6 +116,8 @@ class ExperimentConfig:
             (self.labels is None or (isinstance(self.labels, dict) and len(self.labels) >= 2 and all(
                 isinstance(t, str) and "&" not in t and isinstance(v, list) and v for t, v in self.labels.items())),
              f"'labels' must map at least two task names (without '&') to non-empty label lists, got {self.labels!r}"),
+            (self.finetune_schedule in SCHEDULES,
+             f"'finetune_schedule' must be one of {SCHEDULES}, got {self.finetune_schedule!r}"),
             (self.pruner in PRUNERS, f"'pruner' must be one of {PRUNERS}, got {self.pruner!r}"),
             (isinstance(self.seeds, list) and len(self.seeds) > 0 and all(isinstance(s, int) and s >= 0 for s in self.seeds),
              f"'seeds' must be a non-empty list of non-negative ints, got {self.seeds!r}"),
@@ -197,8 +201,10 @@ class _Pruner:
                       progress=self.progress)
         if c.pruner == "taylor":
             trajectory = prune_taylor(network, self.train, loss, evaluate, search_tolerance=c.search_tolerance, tolerance=c.tolerance,
-                                importance_batches=c.importance_batches, step_fraction=c.prune_step,
+                                importance_batches=c.importance_batches, exclusive=c.prune_exclusive,
+                                step_fraction=c.prune_step,
                                 finetune_steps=c.prune_finetune_steps, lr=c.finetune_lr, floor=c.prune_floor,
+                                schedule=c.finetune_schedule,
                                 max_rounds=c.prune_rounds, patience=c.prune_patience, **common)
         else:
             trajectory = prune_vib(network, self.train, loss, evaluate, search_tolerance=c.search_tolerance,
@@ -207,7 +213,8 @@ class _Pruner:
                                    gate_lr=c.vib_lr, alternate=c.vib_alternate, lr=c.finetune_lr, **common)
         if c.recover_candidates:
             recover(trajectory, self.train, loss, evaluate, tolerance=c.tolerance, candidates=c.recover_candidates,
-                    epochs=c.recover_epochs, lr=c.finetune_lr, seed=self.seed, progress=self.progress)
+                    epochs=c.recover_epochs, lr=c.finetune_lr, seed=self.seed, schedule=c.finetune_schedule,
+                    progress=self.progress)
         return trajectory
 
 
@@ -246,7 +253,8 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
         pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
         if method == "baseline1":
             singles = {t: finetune(as_multitask(m, example, t), train, multilabel_loss({t: label_map[t]}),
-                                   epochs=config.finetune_epochs, lr=config.finetune_lr, seed=seed, progress=progress)
+                                   epochs=config.finetune_epochs, lr=config.finetune_lr, seed=seed,
+                                   schedule=config.finetune_schedule, progress=progress)
                        for t, m in models.items()}
             run.methods[method] = _baseline1(singles, pruner, config.tolerance, data.test, label_map)
         else:
@@ -260,7 +268,7 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
                                    finetune_steps=config.mtz_finetune_steps, lr=config.finetune_lr, seed=seed,
                                    progress=progress)
             finetune(merged, train, loss, epochs=config.finetune_epochs, lr=config.finetune_lr, seed=seed,
-                     progress=progress)
+                     schedule=config.finetune_schedule, progress=progress)
             run.methods[method] = _merged(method, merged, pruner, config.tolerance, data.test, label_map)
             if method == "pam":
                 _sharing(run, merged, run.methods[method].network)

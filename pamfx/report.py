@@ -45,6 +45,14 @@ def _test_accuracy(run: dict[str, Any], task: str, method: str) -> float:
     return next(c["accuracy"][method][task] for c in run["combinations"] if c["tasks"] == [task])
 
 
+def _start_gap(run: dict[str, Any], method: str) -> dict[str, float]:
+    """Calibration accuracy minus the single-task reference, per task, of a method's unpruned
+    network(s): the first checkpoint of its trajectories (after the fine-tune every method gets)."""
+    reference = run["calib_reference_accuracy"]
+    return {task: accuracy - reference[task] for trajectory in run["trajectories"][method].values()
+            for task, accuracy in trajectory[0]["calib_accuracy"].items()}
+
+
 def format_table(results: dict[str, Any]) -> str:
     """Per combination: MFLOPs and test accuracy of every method (mean ± std over seeds), then the gains."""
     summary = results["summary"]
@@ -76,6 +84,13 @@ def format_table(results: dict[str, Any]) -> str:
             if off:
                 lines.append(f"note: {task}: PAM's test accuracy differs from {base}'s by more than the tolerance of "
                              f"{100 * tolerance:.2f} points ({', '.join(off)}): those costs are not at matched accuracy")
+    for method in methods:
+        starts = [f"seed {run['seed']}: {task} {100 * gap:+.2f}" for run in results["seeds"]
+                  for task, gap in _start_gap(run, method).items() if gap < -tolerance]
+        if starts:
+            lines.append(f"note: {method}: before any pruning the network is already more than the tolerance below the "
+                         f"single-task reference on the calibration split ({', '.join(starts)} points); only checkpoints "
+                         "that fine-tuning between rounds brings back can be matched")
     for method, matched in summary["matched"].items():
         if not matched:
             lines.append(f"note: {method}: on some seed no checkpoint kept every task within the tolerance on the "

@@ -93,6 +93,8 @@ def test_config_files(tmp_path):
         ExperimentConfig.from_mapping({"pruner": "magnitude"})
     with pytest.raises(InputError, match="search_tolerance"):
         ExperimentConfig.from_mapping({"tolerance": 0.02, "search_tolerance": 0.01})
+    with pytest.raises(InputError, match="finetune_schedule"):
+        ExperimentConfig.from_mapping({"finetune_schedule": "step"})
 
 
 def test_cli_help_and_errors(tmp_path, capsys):
@@ -152,3 +154,23 @@ def test_the_table_flags_every_seed_whose_test_accuracies_differ_beyond_the_tole
     single["accuracy"]["pam"]["digits_5_9"] -= 2 * tolerance
     lines = [line for line in format_table(results).splitlines() if "not at matched accuracy" in line]
     assert len(lines) == 1 and "digits_5_9" in lines[0] and "seed 1" in lines[0] and "seed 0" not in lines[0]
+
+
+def test_the_table_flags_a_method_whose_unpruned_network_starts_below_the_tolerance(tiny_results):
+    import copy
+
+    _, results = tiny_results
+    results = copy.deepcopy(results)
+    tolerance = results["config"]["tolerance"]
+    for run in results["seeds"]:  # every unpruned network exactly at its reference
+        for trajectories in run["trajectories"].values():
+            for trajectory in trajectories.values():
+                for task in trajectory[0]["calib_accuracy"]:
+                    trajectory[0]["calib_accuracy"][task] = run["calib_reference_accuracy"][task]
+    assert "before any pruning" not in format_table(results)
+    seed = results["seeds"][-1]
+    start = seed["trajectories"]["pam"]["pam"][0]["calib_accuracy"]
+    start["digits_5_9"] -= 2 * tolerance
+    lines = [line for line in format_table(results).splitlines() if "before any pruning" in line]
+    assert len(lines) == 1 and lines[0].startswith("note: pam:")
+    assert f"seed {seed['seed']}: digits_5_9 {-200 * tolerance:+.2f}" in lines[0] and "digits_0_4" not in lines[0]

@@ -1,4 +1,6 @@
 """Fine-tuning with gradient averaging, single networks as merged ones, and per-channel FLOPs."""
+import math
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -88,3 +90,25 @@ def test_channel_flops_is_what_removing_the_channel_saves(arch_name):
         for c in (0, width - 1):
             smaller = pamfx.select_channels(merged, {layer: [i for i in range(width) if i != c]})
             assert total - pamfx.cost(smaller).flops == int(per_channel[layer][c])
+
+
+def test_cosine_schedule_anneals_the_learning_rate_to_zero_over_the_run(monkeypatch):
+    merged = pamfx.merge(two_output_models("lenet5", 2), example_input(),
+                         pamfx.Grouping.random(pamfx.organise_layers(two_output_models("lenet5", 2), example_input()), seed=0))
+    loader, label_map = synthetic_task_data(2)
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    finetune(merged, loader, multilabel_loss(label_map), epochs=2, lr=0.01, schedule="cosine", progress=False)
+    total = 2 * len(loader)
+    assert seen == pytest.approx([0.005 * (1 + math.cos(math.pi * k / total)) for k in range(total)])
+    seen.clear()
+    finetune(merged, loader, multilabel_loss(label_map), epochs=0, max_steps=2, lr=0.01, schedule="cosine", progress=False)
+    assert seen == pytest.approx([0.005 * (1 + math.cos(math.pi * k / 2)) for k in range(2)])
+    with pytest.raises(pamfx.InputError, match="schedule"):
+        finetune(merged, loader, multilabel_loss(label_map), schedule="linear", progress=False)

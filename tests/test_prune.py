@@ -1,4 +1,5 @@
 """Pruning: trajectories and matched-accuracy selection, expected cost, P2 (Taylor) and P1 (VIB)."""
+import math
 import warnings
 
 import pytest
@@ -10,7 +11,8 @@ from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSpace
 from pamfx.passes.finetune import connection_masks, multilabel_loss
 from pamfx.passes.merge import as_multitask
-from pamfx.passes.prune import Checkpoint, Trajectory, accuracy_standard_error, check_calibration_noise, recover
+from pamfx.passes.prune import (Checkpoint, Trajectory, accuracy_standard_error, check_calibration_noise,
+                                iterative_prune, recover)
 from pamfx.passes.taylor import channel_importance, channels_to_remove, prune_taylor, taylor_importance
 from pamfx.passes.vib import fold_and_prune, gateable_layers, gated_network, prune_vib
 from tests.conftest import example_input
@@ -132,6 +134,23 @@ def test_channels_of_likelier_combinations_rank_as_more_expensive():
         assert view.records[layer].task_sets[c] & bit
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_without_exclusive_pruning_only_shared_channels_go(seed):
+    merged = merged_network("lenet5", 3, seed=seed)
+    view = pamfx.read_multitask(merged)
+    flat = {layer: torch.ones(rec.width) for layer, rec in view.records.items()}
+    cost = expected_channel_flops(merged, combination_weights(view.tasks))
+    everything = float(sum(c.sum() for c in cost.values()))
+    removed = channels_to_remove(merged, flat, cost, flops_budget=everything, exclusive=False)
+    assert removed and all(bin(view.records[layer].task_sets[c]).count("1") > 1 for layer, cs in removed.items() for c in cs)
+    default = channels_to_remove(merged, flat, cost, flops_budget=everything)
+    assert any(bin(view.records[layer].task_sets[c]).count("1") == 1 for layer, cs in default.items() for c in cs)
+    single = as_multitask(two_output_models("lenet5", 2)["A"], example_input(), "A")
+    single_cost = expected_channel_flops(single, combination_weights(TaskSpace(("A",))))
+    assert channels_to_remove(single, {l: torch.ones(len(c)) for l, c in single_cost.items()}, single_cost,
+                              flops_budget=1.0, exclusive=False)  # one task: its channels are all prunable
+
+
 def test_shared_channels_sum_their_tasks_normalised_scores():
     merged = merged_network("lenet5", 2)
     view = pamfx.read_multitask(merged)
@@ -185,6 +204,26 @@ def test_failed_rounds_are_skipped_and_pruning_goes_on():
                               finetune_steps=1, max_rounds=6, patience=3, importance_batches=1, progress=False)
     assert [p.accepted for p in trajectory.checkpoints] == [True, True, False, False, True, True, True]
     assert trajectory.select(0.0).round == 6
+
+
+def test_a_failed_round_halves_the_step_and_an_accepted_round_doubles_it_back():
+    single = as_multitask(two_output_models("lenet5", 2)["A"], example_input(), "A")
+    loader, label_map = synthetic_task_data(2)
+    weights = combination_weights(TaskSpace(("A",)))
+    fractions = []
+
+    def propose(point, budget, protected):
+        fractions.append(budget / point.expected_flops)
+        uniform = {name: torch.ones(rec.width) for name, rec in pamfx.read_multitask(point.network).records.items()}
+        return channels_to_remove(point.network, uniform, expected_channel_flops(point.network, weights), budget, protected)
+
+    outcomes = iter([1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0])  # the unpruned network, then rounds 1-6: 2 and 3 fail
+    trajectory = iterative_prune(single, propose, loader, multilabel_loss({"A": label_map["A"]}),
+                                 lambda net: {"A": next(outcomes)}, reference={"A": 1.0}, weights=weights,
+                                 search_tolerance=0.0, step_fraction=0.2, finetune_steps=1, max_rounds=6, patience=3,
+                                 progress=False)
+    assert [p.accepted for p in trajectory.checkpoints] == [True, True, False, False, True, True, True]
+    assert fractions == pytest.approx([0.2, 0.2, 0.1, 0.05, 0.1, 0.2])
 
 
 def test_patience_stops_after_failed_rounds_in_a_row():
@@ -272,25 +311,35 @@ def test_vib_pruning_records_a_trajectory_and_keeps_emit_equivalence(k):
     assert_emit_equivalent(pruned)
 
 
-def test_recovery_fine_tunes_the_cheapest_unmatched_checkpoints_and_adds_the_first_that_recovers():
+@pytest.mark.parametrize("recoverable", [0, 2, 5, 6])
+def test_recovery_bisects_for_the_cheapest_checkpoint_that_comes_back(recoverable):
     single = as_multitask(two_output_models("lenet5", 2)["A"], example_input(), "A")
     loader, label_map = synthetic_task_data(2)
     loss = multilabel_loss({"A": label_map["A"]})
-    scores = iter([1.0] + [0.99] * 4)  # the unpruned network matches; pruned ones are 1 point short
+    scores = iter([1.0] + [0.99] * 6)  # the unpruned network matches; pruned ones are 1 point short
     trajectory = prune_taylor(single, loader, loss, lambda net: {"A": next(scores)}, reference={"A": 1.0},
                               weights=combination_weights(TaskSpace(("A",))), search_tolerance=0.02, step_fraction=0.2,
-                              finetune_steps=1, max_rounds=4, importance_batches=1, progress=False)
+                              finetune_steps=1, max_rounds=6, importance_batches=1, progress=False)
     assert trajectory.select(0.005).round == 0
-    cheapest = min(trajectory.accepted(), key=lambda p: p.expected_flops)
-    before = {k: v.clone() for k, v in cheapest.network.state_dict().items()}
-    outcomes = iter([0.99, 1.0])  # the cheapest does not come back, the next one does
-    point = recover(trajectory, loader, loss, lambda net: {"A": next(outcomes)}, tolerance=0.005, candidates=3,
-                    epochs=1, progress=False)
-    second = sorted(trajectory.accepted()[:-1], key=lambda p: p.expected_flops)[1]
-    assert point is trajectory.select(0.005) and point.round == second.round
-    assert point.expected_flops == second.expected_flops and point.network is not second.network
-    assert all(torch.equal(before[k], v) for k, v in cheapest.network.state_dict().items())
-    assert recover(trajectory, loader, loss, lambda net: {"A": 0.0}, tolerance=0.005, progress=False) is None
+    cheaper = sorted(trajectory.accepted()[1:], key=lambda p: p.expected_flops)
+    assert len(cheaper) == 6
+    before = {k: v.clone() for k, v in cheaper[0].network.state_dict().items()}
+    # a checkpoint comes back iff it is no cheaper than the `recoverable`-th cheapest (6: none does)
+    threshold = cheaper[recoverable].expected_flops if recoverable < 6 else math.inf
+    tried = []
+
+    def evaluate(net):
+        tried.append(pamfx.cost(net).flops)
+        return {"A": 1.0 if pamfx.cost(net).flops >= threshold else 0.99}
+
+    point = recover(trajectory, loader, loss, evaluate, tolerance=0.005, candidates=3, epochs=1, progress=False)
+    assert len(tried) <= 3  # 3 fine-tunes bisect 2^3 - 1 = 7 >= 6 candidates
+    if recoverable == 6:
+        assert point is None and trajectory.select(0.005).round == 0
+        return
+    assert point is trajectory.select(0.005) and point.round == cheaper[recoverable].round
+    assert point.expected_flops == cheaper[recoverable].expected_flops and point.network is not cheaper[recoverable].network
+    assert all(torch.equal(before[k], v) for k, v in cheaper[0].network.state_dict().items())
 
 
 def test_task_balance_weighs_up_the_task_nearest_its_tolerance():

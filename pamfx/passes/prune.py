@@ -9,14 +9,16 @@ network (`Trajectory.select`), and only that checkpoint is ever evaluated on the
 
 `iterative_prune` is the round loop of P2 (and of any score-based pruner): a round removes the
 channels a ``propose`` function picks, fine-tunes, evaluates; a round that leaves a task more than
-``search_tolerance`` below its reference is *skipped* (reverted, step halved), and pruning goes on
-until a FLOPs floor, ``max_rounds``, or ``patience`` failed rounds in a row. A channel whose removal
+``search_tolerance`` below its reference is *skipped* (reverted, step halved; an accepted round
+doubles it again, up to ``step_fraction``, so one failure near a hard channel does not leave every
+later round removing a single channel), and pruning goes on until a FLOPs floor, ``max_rounds``, or
+``patience`` failed rounds in a row. A channel whose removal
 alone failed a round is protected from then on, so one indispensable channel (the last few of a
 first conv layer, say) does not end the search for cheaper channels elsewhere.
 
-`recover` is the long fine-tune of the authors' schedule, given to every method alike: the
-cheapest accepted checkpoints that missed the tolerance are fine-tuned for longer and kept if they
-come back within it.
+`recover` is the long fine-tune of the authors' schedule, given to every method alike: accepted
+checkpoints cheaper than the selection (they missed the tolerance) are fine-tuned for longer,
+searched by bisection, and the cheapest that comes back within the tolerance is kept.
 """
 from __future__ import annotations
 
@@ -149,6 +151,7 @@ def iterative_prune(
     max_rounds: int = 60,
     patience: int = 3,
     seed: int = 0,
+    schedule: str = "cosine",
     progress: bool = True,
 ) -> Trajectory:
     """Prune ``gm`` round by round (see the module docstring); ``gm`` itself is not modified.
@@ -156,7 +159,7 @@ def iterative_prune(
     Each round asks ``propose`` for channels worth about ``step_fraction`` of the current expected
     FLOPs, removes them (`select_channels`), fine-tunes ``finetune_steps`` minibatches and
     evaluates on calibration data. ``floor`` is the fraction of the initial expected FLOPs at
-    which pruning stops.
+    which pruning stops; ``schedule`` is the fine-tune's learning-rate schedule (`finetune`).
     """
     if not 0 < step_fraction <= 1:
         raise InputError(f"step_fraction must be in (0, 1], got {step_fraction}")
@@ -177,12 +180,13 @@ def iterative_prune(
             view = read_multitask(current.network)
             keep = {layer: [c for c in range(view.records[layer].width) if c not in set(cs)] for layer, cs in removal.items()}
             candidate = finetune(select_channels(current.network, keep), train_loader, loss_fn, epochs=0,
-                                 max_steps=finetune_steps, lr=lr, recalibrate_bn=False, seed=seed + round_, progress=False)
+                                 max_steps=finetune_steps, lr=lr, recalibrate_bn=False, seed=seed + round_, schedule=schedule,
+                                 progress=False)
             accuracy = evaluate(candidate)
             ok = all(accuracy[t] >= reference[t] - search_tolerance for t in accuracy)
             point = trajectory.record(round_, candidate, accuracy, accepted=ok)
             if ok:
-                current, failures = point, 0
+                current, failures, fraction = point, 0, min(step_fraction, 2 * fraction)
             else:
                 fraction, failures = fraction / 2, failures + 1
                 if sum(len(v) for v in removal.values()) == 1:
@@ -204,21 +208,39 @@ def recover(
     epochs: int = 2,
     lr: float = 1e-3,
     seed: int = 0,
+    schedule: str = "cosine",
     progress: bool = True,
 ) -> Checkpoint | None:
-    """Fine-tune the cheapest accepted checkpoints cheaper than the current selection for ``epochs``
-    (at most ``candidates`` of them, cheapest first); the first that comes back within
-    ``tolerance`` on the calibration split is added to the trajectory (and so becomes the selection)
-    and returned. The trajectory's networks are not modified."""
+    """Fine-tune accepted checkpoints cheaper than the current selection for ``epochs`` and add
+    the cheapest one found that comes back within ``tolerance`` on the calibration split to the
+    trajectory (so it becomes the selection); return it, or None.
+
+    The more a checkpoint was pruned, the less it recovers, so the search is a bisection over the
+    cheaper checkpoints: ``candidates`` fine-tunes find the cheapest recoverable one among
+    2^candidates − 1 of them (the cheapest three were tried in turn before; on merged networks,
+    whose cheapest checkpoints are far below the tolerance, that spent every fine-tune where none
+    could succeed). The trajectory's networks are not modified."""
     if candidates < 0 or epochs < 1:
         raise InputError(f"need candidates >= 0 and epochs >= 1, got {candidates} and {epochs}")
     chosen = trajectory.select(tolerance)
     cheaper = sorted((p for p in trajectory.accepted() if p.expected_flops < chosen.expected_flops),
                      key=lambda p: p.expected_flops)
-    for point in progress_bar(cheaper[:candidates], desc="recover", enabled=progress):
-        network = finetune(copy.deepcopy(point.network), train_loader, loss_fn, epochs=epochs, lr=lr,
-                           recalibrate_bn=False, seed=seed + point.round, progress=False)
-        accuracy = evaluate(network)
-        if all(accuracy[t] >= trajectory.reference[t] - tolerance for t in accuracy):
-            return trajectory.record(point.round, network, accuracy, accepted=True)
-    return None
+    low, high, found = 0, len(cheaper), None
+    with progress_bar(total=min(candidates, len(cheaper).bit_length()), desc="recover", enabled=progress) as bar:
+        for _ in range(candidates):
+            if low >= high:
+                break
+            middle = (low + high) // 2
+            point = cheaper[middle]
+            network = finetune(copy.deepcopy(point.network), train_loader, loss_fn, epochs=epochs, lr=lr,
+                               recalibrate_bn=False, seed=seed + point.round, schedule=schedule, progress=False)
+            accuracy = evaluate(network)
+            if all(accuracy[t] >= trajectory.reference[t] - tolerance for t in accuracy):
+                found, high = (point, network, accuracy), middle
+            else:
+                low = middle + 1
+            bar.update(1)
+    if found is None:
+        return None
+    point, network, accuracy = found
+    return trajectory.record(point.round, network, accuracy, accepted=True)

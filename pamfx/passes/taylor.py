@@ -26,7 +26,7 @@ from torch import fx
 from pamfx.analysis.cost import expected_channel_flops
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.errors import InputError
-from pamfx.ir.task_set import TaskSet
+from pamfx.ir.task_set import TaskSet, popcount
 from pamfx.passes.finetune import TaskLoss
 from pamfx.passes.prune import Checkpoint, Evaluate, Trajectory, channel_key, iterative_prune
 
@@ -93,18 +93,22 @@ def channel_importance(gm: fx.GraphModule, scores: Mapping[str, Mapping[str, tor
 
 def channels_to_remove(gm: fx.GraphModule, importance: Mapping[str, torch.Tensor],
                        channel_cost: Mapping[str, torch.Tensor], flops_budget: float,
-                       protected: set = frozenset()) -> dict[str, list[int]]:
+                       protected: set = frozenset(), exclusive: bool = True) -> dict[str, list[int]]:
     """The channels of lowest importance per expected FLOP, until they cost ``flops_budget`` (at least one).
 
     A task never loses its last channel of a layer, a layer never its last channel, and no channel
-    of ``protected`` (`pamfx.passes.prune.channel_key`) is removed.
+    of ``protected`` (`pamfx.passes.prune.channel_key`) is removed. With ``exclusive=False`` the
+    channels of one-task groups of a multitask network are kept (the authors' code prunes the
+    shared groups only).
     """
     view = read_multitask(gm)
+    multitask = len(view.tasks) > 1
     ranked = sorted(
         (float(importance[layer][c]) / max(float(channel_cost[layer][c]), 1.0), layer, c)
         for layer, rec in view.records.items()
         if layer not in view.fixed_layers  # read or written by an op without a channel rule
         for c in range(rec.width)
+        if exclusive or not multitask or popcount(rec.task_sets[c]) > 1
     )
     left = {(layer, t): sum(1 for s in rec.task_sets if s & view.tasks.bit(t))
             for layer, rec in view.records.items() for t in view.tasks}
@@ -135,6 +139,7 @@ def prune_taylor(
     tolerance: float | None = None,
     importance_batches: int = 10,
     balance: bool = True,
+    exclusive: bool = True,
     **loop: object,
 ) -> Trajectory:
     """P2 on a merged (or one-task, `pamfx.passes.merge.as_multitask`) network; returns the trajectory.
@@ -143,14 +148,16 @@ def prune_taylor(
     ``reference`` holds the accuracies to stay near, ``weights`` the usage distribution over
     combinations. With ``balance`` the tasks' scores are weighted by `task_balance` of the current
     calibration accuracies on the scale of ``tolerance`` (default ``search_tolerance``; a no-op for
-    one task). ``loop`` takes the round-loop options of `iterative_prune` (``step_fraction``,
-    ``finetune_steps``, ``lr``, ``floor``, ``max_rounds``, ``patience``, ``seed``, ``progress``).
+    one task); ``exclusive=False`` prunes the shared groups only (`channels_to_remove`). ``loop`` takes the round-loop options of `iterative_prune` (``step_fraction``,
+    ``finetune_steps``, ``lr``, ``floor``, ``max_rounds``, ``patience``, ``seed``, ``schedule``,
+    ``progress``).
     """
     def propose(point: Checkpoint, budget: float, protected: set) -> dict[str, list[int]]:
         network = point.network
         lam = task_balance(point.accuracy, reference, tolerance if tolerance is not None else search_tolerance) if balance else None
         importance = channel_importance(network, taylor_importance(network, train_loader, loss_fn, importance_batches), lam)
-        return channels_to_remove(network, importance, expected_channel_flops(network, weights), budget, protected)
+        return channels_to_remove(network, importance, expected_channel_flops(network, weights), budget, protected,
+                                  exclusive)
 
     return iterative_prune(gm, propose, train_loader, loss_fn, evaluate, reference=reference, weights=weights,
                            search_tolerance=search_tolerance, **loop)
