@@ -1,5 +1,6 @@
 """The demo's pipeline end to end at a reduced size, its outputs, and the command line."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,13 @@ def test_report_files_are_written(tiny_results, tmp_path):
     for kind in ("flops_plot", "frontier_plot", "sharing_plot", "alpha_trace_plot"):
         assert paths[kind].read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_names_its_seeds(path):
+    config = load_config(path)
+    assert len(config.seeds) >= 3 and config.dataset in ("tiled-mnist", "tiled-digits")
 
 
 def test_config_files(tmp_path):

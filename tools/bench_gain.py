@@ -26,7 +26,8 @@ from pamfx.report import format_table
 from pamfx.reproduce import run_into
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ["demo", "lenet5-2tasks-p2", "lenet5-2tasks-p1", "lenet5-5tasks-p2", "lenet5-5tasks-p1", "vgg-2tasks-p2"]
+SETTINGS = ["demo", "lenet5-2tasks-p2", "lenet5-2tasks-overlap3-p2", "lenet5-2tasks-p1", "lenet5-5tasks-p2",
+            "lenet5-5tasks-p1", "vgg-2tasks-p2"]
 
 
 def config_of(setting: str) -> ExperimentConfig:
