@@ -22,25 +22,32 @@ def flop_counter_flops(module, x) -> int:
 
 
 def check_all_combinations(merged, layers, combos=None, inputs=None):
-    """Every combination's emitted module equals the merged network and costs its FlopCounterMode.
+    """Every combination's emitted modules equal the merged network: the exact form (``fuse="never"``,
+    BatchNorm kept) costs the IR's FLOPs (FlopCounterMode) and parameters; the default fast form
+    (BatchNorm folded, calls planned by the cost model) executes those FLOPs plus the overhead its
+    fused calls report; both hold only active groups.
 
     ``inputs``: (one sample, a batch) to run, default 1-channel 16x16 ones."""
     x, batch = inputs or (example_input(batch=1, seed=3), example_input(batch=4, seed=4))
     reference = merged(batch)
     for combo in combos or layers.tasks.combinations():
-        emitted = pamfx.emit(merged, combo).eval()
+        exact = pamfx.emit(merged, combo, fuse="never", fold_batchnorm=False).eval()
+        fast = pamfx.emit(merged, combo).eval()
         names = layers.tasks.ordered_names(combo)
-        out = emitted(batch)
-        assert list(out) == names
-        for task in names:
-            assert (out[task] - reference[task]).abs().max().item() <= 1e-5, (combo, task)
+        for emitted in (exact, fast):
+            out = emitted(batch)
+            assert list(out) == names
+            for task in names:
+                assert (out[task] - reference[task]).abs().max().item() <= 1e-5, (combo, task)
+            for node in emitted.graph.nodes:
+                if META_GROUP in node.meta:
+                    _, groups = node.meta[META_GROUP]
+                    assert all(task_set & combo for task_set, _ in groups), f"emitted an inactive group at {node.name}"
         analytic = pamfx.cost(merged, combo)
-        assert analytic.flops == flop_counter_flops(emitted, x)
-        assert analytic.params == sum(p.numel() for p in emitted.parameters())
-        for node in emitted.graph.nodes:
-            if META_GROUP in node.meta:
-                _, task_set, _ = node.meta[META_GROUP]
-                assert task_set & combo, f"emitted an inactive group at {node.name}"
+        assert analytic.flops == flop_counter_flops(exact, x)
+        assert analytic.params == sum(p.numel() for p in exact.parameters())
+        overhead = sum(r["dense_flops"] - r["edge_flops"] for r in fusion_report(fast))
+        assert flop_counter_flops(fast, x) == pamfx.cost(fast).flops == analytic.flops + overhead
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -68,8 +75,8 @@ def test_emitted_modules_hold_only_active_channels():
         per_layer: dict[str, set[int]] = {}
         for node in emitted.graph.nodes:
             if META_GROUP in node.meta:
-                layer, _, idx = node.meta[META_GROUP]
-                per_layer.setdefault(layer, set()).update(idx)
+                layer, groups = node.meta[META_GROUP]
+                per_layer.setdefault(layer, set()).update(c for _, idx in groups for c in idx)
         for layer, channels in per_layer.items():
             expected = {c for c, t in enumerate(view.records[layer].task_sets) if t & combo}
             assert channels == expected
@@ -166,7 +173,7 @@ def test_fused_modules_equal_merged_and_report_their_overhead(arch):
         for r in report:  # one call computes every active channel of the layer; no per-group call remains
             active = sum(1 for t in view.records[r["layer"]].task_sets if t & combo)
             assert fused.get_submodule(r["node"]).weight.shape[0] == active
-        unfused = pamfx.emit(merged, combo)
+        unfused = pamfx.emit(merged, combo, fuse="never")
         # dense groups that read no input (a shortcut with no allowed pair is an untagged zero constant)
         constant = [n.meta[META_GROUP][0] for n in calls_to(unfused, ConstantChannels) if META_GROUP in n.meta]
         # unfused, a layer makes one call per group that reads any input; fused, one call in all
@@ -198,7 +205,7 @@ def test_auto_fusion_follows_the_cost_model():
         assert [r["node"] for r in fused] == [r["node"] for r in fusion_report(pamfx.emit(merged, combo, fuse="always"))]
         assert all("cost model at batch 1" in r["reason"] for r in fused)
         declined = pamfx.emit(merged, combo, fuse=free_calls)
-        assert fusion_report(declined) == [] and declined.code == pamfx.emit(merged, combo).code
+        assert fusion_report(declined) == [] and declined.code == pamfx.emit(merged, combo, fuse="never").code
         considered = fusion_report(declined, declined=True)
         assert [r["layer"] for r in considered] == dense_layers_with_groups(merged, combo, 2)
         assert all(not r["fused"] and "cost model at batch 1" in r["reason"] for r in considered)
