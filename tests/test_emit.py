@@ -4,11 +4,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.fx.experimental.optimization import fuse as torch_fuse
+from torch.fx.passes.infra.pass_manager import PassManager
 from torch.utils.flop_counter import FlopCounterMode
 
 import pamfx
 from pamfx.analysis.channel_rules import Role
-from pamfx.codegen.emit import ConstantChannels, fusion_report
+from pamfx.analysis.channel_order import group_orders
+from pamfx.codegen.emit import ConstantChannels, emit_view, fusion_report
 from pamfx.ir.meta import META_FUSED, META_GROUP
 from pamfx.codegen.fusion import FusionCostModel
 from tests.conftest import ARCHITECTURES, example_input, model_set, perturb
@@ -267,3 +270,75 @@ def test_runtime_with_fusion_keeps_outputs_and_shares_weights():
     assert fused > 0
     weights = sum(t.untyped_storage().nbytes() for t in list(runtime.network.parameters()) + list(runtime.network.buffers()))
     assert runtime.storage_bytes() <= 1.05 * weights
+
+
+def gathers(module) -> int:
+    """How many channel gathers (index_select) a module makes."""
+    return sum(1 for n in module.graph.nodes if n.target is torch.index_select)
+
+
+@pytest.mark.parametrize("arch_name", ["lenet5", "vgg"])
+def test_two_tasks_read_every_input_as_a_slice(arch_name):
+    """K = 2 in the order A | A&B | B: every output group's allowed inputs are one contiguous run,
+    so the exact form reads them as views (narrow), never as a gather, in every combination."""
+    models, layers = model_set(arch_name, 2)
+    merged = pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=21), layers=layers).eval()
+    view = pamfx.read_multitask(merged)
+    a, b = layers.tasks.to_set("A"), layers.tasks.to_set("B")
+    for layer, order in group_orders(view).items():
+        assert [t for t in order] in ([a, a | b, b], [b, a | b, a]) or len(order) < 3, (layer, order)
+    for combo in layers.tasks.combinations():
+        assert gathers(pamfx.emit(merged, combo, fuse="never")) == 0
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_group_order_needs_fewer_gathers_than_the_sorted_order(k):
+    models, layers = model_set("vgg", k)
+    merged = pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=k), layers=layers).eval()
+    view = pamfx.read_multitask(merged)
+    by_bitmask = {name: tuple(sorted(set(rec.task_sets))) for name, rec in view.records.items()}
+    optimised = sum(gathers(emit_view(view, c, fuse="never")) for c in layers.tasks.combinations())
+    sorted_order = sum(gathers(emit_view(view, c, fuse="never", orders=by_bitmask)) for c in layers.tasks.combinations())
+    assert optimised < sorted_order
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=st.sampled_from(ARCHITECTURES), seed=st.integers(0, 2**16), fuse=st.sampled_from(["never", "always", "auto"]),
+       usage=st.lists(st.floats(0.0, 1.0), min_size=7, max_size=7).filter(lambda w: sum(w) > 0))
+def test_any_usage_order_and_plan_keeps_every_combination_exact(arch, seed, fuse, usage):
+    """Emit-equivalence under the group order of any usage distribution and every planning mode."""
+    models, layers = model_set(arch, 3)
+    merged = perturb(pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=seed), layers=layers), seed).eval()
+    weights = dict(zip(layers.tasks.combinations(), usage))
+    x = example_input(batch=3, seed=seed % 7)
+    reference = merged(x)
+    for combo in layers.tasks.combinations():
+        emitted = pamfx.emit(merged, combo, fuse=fuse, usage=weights).eval()
+        for task, value in emitted(x).items():
+            assert (value - reference[task]).abs().max().item() <= 1e-5, (combo, task)
+        assert pamfx.cost(emitted).flops == pamfx.cost(merged, combo).flops + sum(
+            r["dense_flops"] - r["edge_flops"] for r in fusion_report(emitted)
+        )
+
+
+@pytest.mark.parametrize("arch", ["vgg", "resnet", "mobilenetv2"])  # LeNet-5 has no BatchNorm
+def test_batchnorm_folding_is_exact_and_chains_with_fx_passes(arch):
+    models, layers = model_set(arch, 3)
+    merged = perturb(pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=17), layers=layers), 5).eval()
+    x = example_input(batch=4, seed=6)
+    reference = merged(x)
+    chained = PassManager([pamfx.passes.FoldBatchNormPass(), pamfx.passes.SortChannelsPass()])(merged).graph_module
+    for combo in layers.tasks.combinations():
+        folded = pamfx.emit(merged, combo).eval()
+        kept = pamfx.emit(merged, combo, fold_batchnorm=False).eval()
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        assert any(isinstance(m, nn.BatchNorm2d) for m in kept.modules())
+        # torch's own fuse re-traces the emitted module: nothing left to fold, same outputs
+        retraced = torch_fuse(folded)
+        from_chain = PassManager([pamfx.passes.EmitPass(combo)])(chained).graph_module.eval()
+        for module in (folded, kept, retraced, from_chain):
+            for task, value in module(x).items():
+                assert (value - reference[task]).abs().max().item() <= 1e-5, (combo, task)
+    with pytest.raises(pamfx.InputError, match="training mode"):
+        pamfx.emit(merged.train(), "A", fold_batchnorm=True)
+    assert merged.training and any(isinstance(m, nn.BatchNorm2d) for m in pamfx.emit(merged, "A").modules())

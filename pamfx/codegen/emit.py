@@ -67,7 +67,8 @@ class ConstantChannels(nn.Module):
 
     def forward(self, ref: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * len(self.spatial)
-        return self.bias.view(shape).expand((ref.shape[0], -1) + self.spatial)
+        # materialised: an in-place op after it (ReLU(inplace=True) once BatchNorm is folded) needs its own memory
+        return self.bias.view(shape).expand((ref.shape[0], -1) + self.spatial).contiguous()
 
 
 @dataclass
