@@ -50,7 +50,7 @@ def check_all_combinations(merged, layers, combos=None, inputs=None):
         assert analytic.flops == flop_counter_flops(exact, x)
         assert analytic.params == sum(p.numel() for p in exact.parameters())
         overhead = sum(r["dense_flops"] - r["edge_flops"] for r in fusion_report(fast))
-        assert flop_counter_flops(fast, x) == pamfx.cost(fast).flops == analytic.flops + overhead
+        assert flop_counter_flops(fast, x) == analytic.flops + overhead
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -316,7 +316,7 @@ def test_any_usage_order_and_plan_keeps_every_combination_exact(arch, seed, fuse
         emitted = pamfx.emit(merged, combo, fuse=fuse, usage=weights).eval()
         for task, value in emitted(x).items():
             assert (value - reference[task]).abs().max().item() <= 1e-5, (combo, task)
-        assert pamfx.cost(emitted).flops == pamfx.cost(merged, combo).flops + sum(
+        assert flop_counter_flops(emitted, x[:1]) == pamfx.cost(merged, combo).flops + sum(
             r["dense_flops"] - r["edge_flops"] for r in fusion_report(emitted)
         )
 

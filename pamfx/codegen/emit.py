@@ -300,7 +300,7 @@ class _Emitter:
         pieces = []
         for run in runs:
             groups = layout[run.first : run.stop]
-            fused = run.stop - run.first > 1 or run.dense > run.edge
+            fused = (run.cols is None or bool(run.cols)) and (run.stop - run.first > 1 or run.dense > run.edge)  # bias-only runs are no call
             suffix = "_".join(self.label(t) for t, _ in (groups[:1] + groups[-1:] if len(groups) > 1 else groups))
             name = f"{node.target}.{suffix}" + ("_fused" if fused else "")
             rows = [c for _, idx in groups for c in idx]
