@@ -229,6 +229,8 @@ def test_fusion_arguments_are_checked():
         pamfx.emit(merged, ["A"], fuse="sometimes")
     with pytest.raises(pamfx.InputError, match="batch="):
         pamfx.emit(merged, ["A"], fuse="auto", batch=0)
+    with pytest.raises(pamfx.InputError, match=r"orders: layers \["):
+        emit_view(pamfx.read_multitask(merged), ["A"], orders={})
 
 
 def test_fused_shared_weights_are_views_or_declined_as_not_contiguous(arch):
@@ -289,6 +291,11 @@ def test_two_tasks_read_every_input_as_a_slice(arch_name):
         assert [t for t in order] in ([a, a | b, b], [b, a | b, a]) or len(order) < 3, (layer, order)
     for combo in layers.tasks.combinations():
         assert gathers(pamfx.emit(merged, combo, fuse="never")) == 0
+    ordered = pamfx.read_multitask(pamfx.order_channels(merged))  # the same order, applied to the network
+    for layer, order in group_orders(view).items():
+        sets = ordered.records[layer].task_sets
+        runs = [t for i, t in enumerate(sets) if i == 0 or sets[i - 1] != t]
+        assert runs == [t for t in order if t in sets]
 
 
 @pytest.mark.parametrize("k", [3, 5])

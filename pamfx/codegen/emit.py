@@ -540,11 +540,16 @@ def emit_view(
         raise InputError(f"fuse={fuse!r}: expected one of {FUSE_MODES} or a FusionCostModel")
     if not isinstance(batch, int) or batch < 1:
         raise InputError(f"batch={batch!r}: expected a positive batch size")
+    if orders is None:
+        orders = group_orders(view)
+    unordered = [name for name, rec in view.records.items() if not set(rec.task_sets) <= set(orders.get(name, ()))]
+    if unordered:
+        raise InputError(f"orders: layers {unordered} are missing or lack some of their task sets")
     combo = view.tasks.select(tasks)
     example = example_from_meta(view.gm)
     if channels_last is None:
         channels_last = example.dim() == 4 and not share_weights
-    gm = _Emitter(view, combo, share_weights, fuse, batch, orders or group_orders(view), bool(channels_last)).run()
+    gm = _Emitter(view, combo, share_weights, fuse, batch, orders, bool(channels_last)).run()
     shape_propagate(gm, example, f"emitted module {view.tasks.label(combo)!r}")
     gm.training = view.gm.training
     return gm
