@@ -7,7 +7,8 @@ tensor per layer whose channels lie group after group in the layer's group order
 (BatchNorm, activations, pooling, residual sums) therefore run once per layer; BatchNorms are
 folded into the conv / linear before them by default (`pamfx.passes.fold_batchnorm`). Heads of
 tasks outside S are dropped; identity shortcuts become one gather (or nothing, where they are the
-identity on the active channels).
+identity on the active channels). Image inputs are converted to channels-last once and conv
+weights stored channels-last, so oneDNN keeps every activation in that faster layout.
 
 Each dense op is planned as a few calls, each over consecutive output groups and a set of input
 channels, concatenated in layout order. ``fuse="never"``: one call per output group over exactly
