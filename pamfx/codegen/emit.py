@@ -123,7 +123,7 @@ class _Emitter:
         return "g" + "_".join(str(i) for i in range(self.view.tasks.k) if task_set >> i & 1)
 
     def add_module(self, base: str, module: nn.Module | torch.Tensor) -> str:
-        if self.channels_last and isinstance(module, nn.Conv2d):
+        if self.channels_last and not self.share and isinstance(module, nn.Conv2d):
             module = module.to(memory_format=torch.channels_last)  # oneDNN then keeps activations channels-last
         name, k = attr_name(base), 1
         while name in self.attrs:
