@@ -1,4 +1,4 @@
-"""The order of each layer's groups in emitted code (docs/design.md §6, "Channel order").
+"""The order of each layer's groups in emitted code (docs/design.md §6, docs/codegen.md item 3).
 
 An emitted module holds each neuron layer as one tensor of its active channels, group after group.
 A slice of that tensor (or of a weight) is a view only where the channels it needs lie next to each
