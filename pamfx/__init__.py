@@ -30,7 +30,7 @@ from pamfx.frontend import trace
 from pamfx.ir import Grouping, LayerMap, NeuronLayer, TaskSpace
 from pamfx.passes.merge import merge
 from pamfx.passes.mtz import ZippedPair, mtz_merge
-from pamfx.passes.select_channels import select_channels, sort_channels
+from pamfx.passes.select_channels import order_channels, select_channels, sort_channels
 from pamfx.serialization import load, save
 
 __version__ = "0.1.0"
@@ -68,6 +68,7 @@ __all__ = [
     "merge",
     "mi_bounds",
     "mtz_merge",
+    "order_channels",
     "organise_graph",
     "organise_layers",
     "read_multitask",

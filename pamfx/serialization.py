@@ -37,6 +37,7 @@ TAG = "__pamfx__"
 FUNCTION_NAMESPACES = {"torch": torch, "torch.nn.functional": F, "operator": operator}
 BUILTINS = {"getattr": builtins.getattr}
 MODULE_PREFIXES = ("torch.nn.", "pamfx.")
+MEMORY_FORMATS = ("contiguous_format", "channels_last", "channels_last_3d", "preserve_format")
 _BASE_ATTRS = frozenset(nn.Module().__dict__)
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -75,6 +76,8 @@ def _encode(value: Any, where: str) -> Any:
         return {TAG: "LayerTaskSets", "name": value.name, "task_sets": list(value.task_sets), "origins": list(value.origins)}
     if isinstance(value, TaskSpace):
         return {TAG: "TaskSpace", "names": list(value.names)}
+    if isinstance(value, torch.memory_format):  # e.g. emitted modules' x.contiguous(memory_format=torch.channels_last)
+        return {TAG: "memory_format", "name": str(value).rpartition(".")[2]}
     if isinstance(value, tuple):
         return tuple(_encode(v, where) for v in value)
     if isinstance(value, list):
@@ -104,6 +107,8 @@ def _decode(value: Any, nodes: dict[str, fx.Node]) -> Any:
         return LayerTaskSets(value["name"], tuple(value["task_sets"]), tuple(tuple(o) for o in value["origins"]))
     if kind == "TaskSpace":
         return TaskSpace(tuple(value["names"]))
+    if kind == "memory_format" and value["name"] in MEMORY_FORMATS:
+        return getattr(torch, value["name"])
     raise InputError(f"load: unknown value kind {kind!r}")
 
 

@@ -4,11 +4,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.fx.experimental.optimization import fuse as torch_fuse
+from torch.fx.passes.infra.pass_manager import PassManager
 from torch.utils.flop_counter import FlopCounterMode
 
 import pamfx
 from pamfx.analysis.channel_rules import Role
-from pamfx.codegen.emit import ConstantChannels, fusion_report
+from pamfx.analysis.channel_order import group_orders
+from pamfx.codegen.emit import ConstantChannels, emit_view, fusion_report
 from pamfx.ir.meta import META_FUSED, META_GROUP
 from pamfx.codegen.fusion import FusionCostModel
 from tests.conftest import ARCHITECTURES, example_input, model_set, perturb
@@ -22,25 +25,32 @@ def flop_counter_flops(module, x) -> int:
 
 
 def check_all_combinations(merged, layers, combos=None, inputs=None):
-    """Every combination's emitted module equals the merged network and costs its FlopCounterMode.
+    """Every combination's emitted modules equal the merged network: the exact form (``fuse="never"``,
+    BatchNorm kept) costs the IR's FLOPs (FlopCounterMode) and parameters; the default fast form
+    (BatchNorm folded, calls planned by the cost model) executes those FLOPs plus the overhead its
+    fused calls report; both hold only active groups.
 
     ``inputs``: (one sample, a batch) to run, default 1-channel 16x16 ones."""
     x, batch = inputs or (example_input(batch=1, seed=3), example_input(batch=4, seed=4))
     reference = merged(batch)
     for combo in combos or layers.tasks.combinations():
-        emitted = pamfx.emit(merged, combo).eval()
+        exact = pamfx.emit(merged, combo, fuse="never", fold_batchnorm=False).eval()
+        fast = pamfx.emit(merged, combo).eval()
         names = layers.tasks.ordered_names(combo)
-        out = emitted(batch)
-        assert list(out) == names
-        for task in names:
-            assert (out[task] - reference[task]).abs().max().item() <= 1e-5, (combo, task)
+        for emitted in (exact, fast):
+            out = emitted(batch)
+            assert list(out) == names
+            for task in names:
+                assert (out[task] - reference[task]).abs().max().item() <= 1e-5, (combo, task)
+            for node in emitted.graph.nodes:
+                if META_GROUP in node.meta:
+                    _, groups = node.meta[META_GROUP]
+                    assert all(task_set & combo for task_set, _ in groups), f"emitted an inactive group at {node.name}"
         analytic = pamfx.cost(merged, combo)
-        assert analytic.flops == flop_counter_flops(emitted, x)
-        assert analytic.params == sum(p.numel() for p in emitted.parameters())
-        for node in emitted.graph.nodes:
-            if META_GROUP in node.meta:
-                _, task_set, _ = node.meta[META_GROUP]
-                assert task_set & combo, f"emitted an inactive group at {node.name}"
+        assert analytic.flops == flop_counter_flops(exact, x)
+        assert analytic.params == sum(p.numel() for p in exact.parameters())
+        overhead = sum(r["dense_flops"] - r["edge_flops"] for r in fusion_report(fast))
+        assert flop_counter_flops(fast, x) == analytic.flops + overhead
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -68,8 +78,8 @@ def test_emitted_modules_hold_only_active_channels():
         per_layer: dict[str, set[int]] = {}
         for node in emitted.graph.nodes:
             if META_GROUP in node.meta:
-                layer, _, idx = node.meta[META_GROUP]
-                per_layer.setdefault(layer, set()).update(idx)
+                layer, groups = node.meta[META_GROUP]
+                per_layer.setdefault(layer, set()).update(c for _, idx in groups for c in idx)
         for layer, channels in per_layer.items():
             expected = {c for c, t in enumerate(view.records[layer].task_sets) if t & combo}
             assert channels == expected
@@ -166,7 +176,7 @@ def test_fused_modules_equal_merged_and_report_their_overhead(arch):
         for r in report:  # one call computes every active channel of the layer; no per-group call remains
             active = sum(1 for t in view.records[r["layer"]].task_sets if t & combo)
             assert fused.get_submodule(r["node"]).weight.shape[0] == active
-        unfused = pamfx.emit(merged, combo)
+        unfused = pamfx.emit(merged, combo, fuse="never")
         # dense groups that read no input (a shortcut with no allowed pair is an untagged zero constant)
         constant = [n.meta[META_GROUP][0] for n in calls_to(unfused, ConstantChannels) if META_GROUP in n.meta]
         # unfused, a layer makes one call per group that reads any input; fused, one call in all
@@ -198,7 +208,7 @@ def test_auto_fusion_follows_the_cost_model():
         assert [r["node"] for r in fused] == [r["node"] for r in fusion_report(pamfx.emit(merged, combo, fuse="always"))]
         assert all("cost model at batch 1" in r["reason"] for r in fused)
         declined = pamfx.emit(merged, combo, fuse=free_calls)
-        assert fusion_report(declined) == [] and declined.code == pamfx.emit(merged, combo).code
+        assert fusion_report(declined) == [] and declined.code == pamfx.emit(merged, combo, fuse="never").code
         considered = fusion_report(declined, declined=True)
         assert [r["layer"] for r in considered] == dense_layers_with_groups(merged, combo, 2)
         assert all(not r["fused"] and "cost model at batch 1" in r["reason"] for r in considered)
@@ -219,6 +229,8 @@ def test_fusion_arguments_are_checked():
         pamfx.emit(merged, ["A"], fuse="sometimes")
     with pytest.raises(pamfx.InputError, match="batch="):
         pamfx.emit(merged, ["A"], fuse="auto", batch=0)
+    with pytest.raises(pamfx.InputError, match=r"orders: layers \["):
+        emit_view(pamfx.read_multitask(merged), ["A"], orders={})
 
 
 def test_fused_shared_weights_are_views_or_declined_as_not_contiguous(arch):
@@ -260,3 +272,80 @@ def test_runtime_with_fusion_keeps_outputs_and_shares_weights():
     assert fused > 0
     weights = sum(t.untyped_storage().nbytes() for t in list(runtime.network.parameters()) + list(runtime.network.buffers()))
     assert runtime.storage_bytes() <= 1.05 * weights
+
+
+def gathers(module) -> int:
+    """How many channel gathers (index_select) a module makes."""
+    return sum(1 for n in module.graph.nodes if n.target is torch.index_select)
+
+
+@pytest.mark.parametrize("arch_name", ["lenet5", "vgg"])
+def test_two_tasks_read_every_input_as_a_slice(arch_name):
+    """K = 2 in the order A | A&B | B: every output group's allowed inputs are one contiguous run,
+    so the exact form reads them as views (narrow), never as a gather, in every combination."""
+    models, layers = model_set(arch_name, 2)
+    merged = pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=21), layers=layers).eval()
+    view = pamfx.read_multitask(merged)
+    a, b = layers.tasks.to_set("A"), layers.tasks.to_set("B")
+    for layer, order in group_orders(view).items():
+        assert [t for t in order] in ([a, a | b, b], [b, a | b, a]) or len(order) < 3, (layer, order)
+    for combo in layers.tasks.combinations():
+        assert gathers(pamfx.emit(merged, combo, fuse="never")) == 0
+    ordered = pamfx.read_multitask(pamfx.order_channels(merged))  # the same order, applied to the network
+    for layer, order in group_orders(view).items():
+        sets = ordered.records[layer].task_sets
+        runs = [t for i, t in enumerate(sets) if i == 0 or sets[i - 1] != t]
+        assert runs == [t for t in order if t in sets]
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_group_order_needs_fewer_gathers_than_the_sorted_order(k):
+    models, layers = model_set("vgg", k)
+    merged = pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=k), layers=layers).eval()
+    view = pamfx.read_multitask(merged)
+    by_bitmask = {name: tuple(sorted(set(rec.task_sets))) for name, rec in view.records.items()}
+    optimised = sum(gathers(emit_view(view, c, fuse="never")) for c in layers.tasks.combinations())
+    sorted_order = sum(gathers(emit_view(view, c, fuse="never", orders=by_bitmask)) for c in layers.tasks.combinations())
+    assert optimised < sorted_order
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=st.sampled_from(ARCHITECTURES), seed=st.integers(0, 2**16), fuse=st.sampled_from(["never", "always", "auto"]),
+       usage=st.lists(st.floats(0.0, 1.0), min_size=7, max_size=7).filter(lambda w: sum(w) > 0))
+def test_any_usage_order_and_plan_keeps_every_combination_exact(arch, seed, fuse, usage):
+    """Emit-equivalence under the group order of any usage distribution and every planning mode."""
+    models, layers = model_set(arch, 3)
+    merged = perturb(pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=seed), layers=layers), seed).eval()
+    weights = dict(zip(layers.tasks.combinations(), usage))
+    x = example_input(batch=3, seed=seed % 7)
+    reference = merged(x)
+    for combo in layers.tasks.combinations():
+        emitted = pamfx.emit(merged, combo, fuse=fuse, usage=weights).eval()
+        for task, value in emitted(x).items():
+            assert (value - reference[task]).abs().max().item() <= 1e-5, (combo, task)
+        assert flop_counter_flops(emitted, x[:1]) == pamfx.cost(merged, combo).flops + sum(
+            r["dense_flops"] - r["edge_flops"] for r in fusion_report(emitted)
+        )
+
+
+@pytest.mark.parametrize("arch", ["vgg", "resnet", "mobilenetv2"])  # LeNet-5 has no BatchNorm
+def test_batchnorm_folding_is_exact_and_chains_with_fx_passes(arch):
+    models, layers = model_set(arch, 3)
+    merged = perturb(pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=17), layers=layers), 5).eval()
+    x = example_input(batch=4, seed=6)
+    reference = merged(x)
+    chained = PassManager([pamfx.passes.FoldBatchNormPass(), pamfx.passes.SortChannelsPass()])(merged).graph_module
+    for combo in layers.tasks.combinations():
+        folded = pamfx.emit(merged, combo).eval()
+        kept = pamfx.emit(merged, combo, fold_batchnorm=False).eval()
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        assert any(isinstance(m, nn.BatchNorm2d) for m in kept.modules())
+        # torch's own fuse re-traces the emitted module: nothing left to fold, same outputs
+        retraced = torch_fuse(folded)
+        from_chain = PassManager([pamfx.passes.EmitPass(combo)])(chained).graph_module.eval()
+        for module in (folded, kept, retraced, from_chain):
+            for task, value in module(x).items():
+                assert (value - reference[task]).abs().max().item() <= 1e-5, (combo, task)
+    with pytest.raises(pamfx.InputError, match="training mode"):
+        pamfx.emit(merged.train(), "A", fold_batchnorm=True)
+    assert merged.training and any(isinstance(m, nn.BatchNorm2d) for m in pamfx.emit(merged, "A").modules())

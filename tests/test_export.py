@@ -162,7 +162,29 @@ def test_export_all_writes_every_combination_and_an_index(tmp_path):
         assert re.fullmatch(r"[A-Za-z0-9_.+-]+\.onnx", entry["file"])
         c = pamfx.cost(merged, entry["tasks"])
         assert (entry["flops"], entry["macs"], entry["params"]) == (c.flops, c.macs, c.params)
+        assert entry["bytes"] == (out / entry["file"]).stat().st_size and entry["executed_flops"] >= entry["flops"]
         assert_onnx_equals_merged(out / entry["file"], merged, entry["tasks"])
+
+
+@pytest.mark.parametrize("arch", ["vgg", "resnet"])
+def test_export_all_runs_the_fast_form_in_onnxruntime_within_1e5(tmp_path, arch):
+    """K = 3, every combination: the exported file is the default emitted module (BatchNorm folded,
+    channel-ordered, cost-model plan) and onnxruntime reproduces it, and the merged network, to 1e-5."""
+    merged, layers = merged_network(arch, 3, 12)
+    index = export_all(merged, example_input(batch=1), tmp_path, progress=False, tolerance=1e-5)
+    x = example_input(batch=5, seed=9)
+    with torch.no_grad():
+        reference = merged(x)
+    for combo in layers.tasks.combinations():
+        entry = index["combinations"][layers.tasks.label(combo)]
+        model = onnx.load(str(tmp_path / entry["file"]))
+        assert not any(node.op_type == "BatchNormalization" for node in model.graph.node)
+        got = run_onnx(tmp_path / entry["file"], x)
+        with torch.no_grad():
+            emitted = pamfx.emit(merged, combo)(x)
+        for task in entry["tasks"]:
+            assert np.abs(got[task] - emitted[task].numpy()).max() <= 1e-5, (combo, task)
+            assert np.abs(got[task] - reference[task].numpy()).max() <= 1e-5, (combo, task)
 
 
 def test_failed_export_all_writes_nothing(tmp_path, monkeypatch):

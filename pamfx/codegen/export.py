@@ -36,12 +36,15 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from pamfx.analysis.cost import merged_cost
+from pamfx.analysis.channel_order import group_orders
+from pamfx.analysis.cost import cost, merged_cost
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.codegen.emit import emit_view
+from pamfx.codegen.fusion import FusionCostModel
 from pamfx.errors import ExportError, InputError, check_type
 from pamfx.frontend import eval_mode
 from pamfx.ir.task_set import TaskSet, TaskSpace
+from pamfx.passes.fold_batchnorm import inference_view
 from pamfx.progress import progress_bar
 
 Exporter = Literal["auto", "torchscript", "dynamo"]
@@ -304,17 +307,26 @@ def export_all(
     exporter: Exporter = "auto",
     tolerance: float = 1e-4,
     progress: bool = True,
+    fuse: str | FusionCostModel = "auto",
+    batch: int = 1,
+    fold_batchnorm: bool | None = None,
 ) -> dict[str, Any]:
     """Export the emitted module of every task combination of ``merged`` into ``out_dir``.
 
+    The modules are `pamfx.emit`'s fast form, emitted from one inference copy of ``merged`` (eval
+    mode, BatchNorms folded unless ``fold_batchnorm=False``; ``fuse`` and ``batch`` as in `emit`).
     Writes one ONNX file per combination (`combination_files`) and ``index.json``: the tasks, the
-    input, and per combination (keyed by its label, e.g. ``A&B``) its tasks, file, FLOPs, MACs and
-    parameters from `pamfx.cost`. Returns the index. Files appear only once every combination has
-    been exported (and checked); ``index.json`` is renamed into place last.
+    input, and per combination (keyed by its label, e.g. ``A&B``) its tasks, file, file size in
+    bytes, FLOPs, MACs and parameters of its subgraph (`pamfx.cost` of the inference network) and
+    the FLOPs the exported module executes (more than its subgraph's where the cost model fused
+    masked connections). Returns the index. Files appear only once every combination has been
+    exported (and checked); ``index.json`` is renamed into place last.
     """
     if not isinstance(example_input, torch.Tensor):
         raise InputError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
-    view = read_multitask(merged)
+    with eval_mode(merged):
+        view = inference_view(read_multitask(merged), fold_batchnorm)
+    orders = group_orders(view)
     tasks = view.tasks
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -326,15 +338,18 @@ def export_all(
     combinations: dict[str, Any] = {}
     with _AtomicFiles() as staged:
         for combo in progress_bar(tasks.combinations(), desc="ONNX export", unit="combination", enabled=progress, leave=True):
-            staged.write(out / files[combo], _onnx_bytes(emit_view(view, combo), example_input, **options))
+            module = emit_view(view, combo, fuse=fuse, batch=batch, orders=orders)
+            data = _onnx_bytes(module, example_input, **options)
+            staged.write(out / files[combo], data)
             c = merged_cost(view, combo)
             combinations[tasks.label(combo)] = {
-                "tasks": tasks.ordered_names(combo), "file": files[combo], "flops": c.flops, "macs": c.macs, "params": c.params,
+                "tasks": tasks.ordered_names(combo), "file": files[combo], "bytes": len(data), "flops": c.flops, "macs": c.macs,
+                "params": c.params, "executed_flops": cost(module).flops,
             }
         index = {
             "tasks": list(tasks.names),
             "input": {"name": input_name, "shape": [BATCH_AXIS, *example_input.shape[1:]]},
-            "cost": "per sample; flops = 2 x MACs of conv and linear ops (pamfx.cost)",
+            "cost": "per sample; flops = 2 x MACs of conv and linear ops (pamfx.cost) of the subgraph, executed_flops of the exported module; bytes = file size",
             "combinations": combinations,
         }
         staged.write(out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())

@@ -1,34 +1,46 @@
 """A run-time container serving every task combination from one copy of the weights (docs/design.md §6)."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import fx, nn
 
+from pamfx.analysis.channel_order import group_orders
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.codegen.emit import emit_view
 from pamfx.codegen.fusion import FusionCostModel
+from pamfx.frontend import example_from_meta
 from pamfx.ir.task_set import TaskSet
-from pamfx.passes.select_channels import sort_channels
+from pamfx.passes.fold_batchnorm import inference_view
+from pamfx.passes.select_channels import order_keep, select_from_view
 
 
 class MultitaskRuntime(nn.Module):
     """Holds a merged (typically pruned) network and its 2^K − 1 specialised modules.
 
-    The network's channels are sorted by group once; every specialisation is emitted with
-    ``share_weights=True``, so its parameters are views into the network's: the memory is that
-    of the one merged network, however many combinations have been served. Specialisations are
-    emitted on first use (or all at once by `warm`). ``fuse`` and ``batch`` are passed to `emit`
-    (a fused op whose weights are not contiguous after sorting stays unfused; `fusion_report`
-    says which).
+    The network is copied once, in eval mode, with its BatchNorms folded (``fold_batchnorm``, as in
+    `pamfx.emit`), its channels reordered group by group in the layout codegen uses
+    (`pamfx.order_channels` under the usage distribution ``usage``) and, for image inputs, its conv
+    weights channels-last (activations follow, as in `pamfx.emit`); every specialisation is
+    emitted with ``share_weights=True``, so its parameters are views into the network's: the memory
+    is that of the one merged network, however many combinations have been served. Specialisations
+    are emitted on first use (or all at once by `warm`). ``fuse`` and ``batch`` are passed to
+    `emit` (a call whose rows are not one run of the merged weight stays per group;
+    `fusion_report` says which).
     """
 
-    def __init__(self, merged: fx.GraphModule, *, fuse: str | FusionCostModel = "never", batch: int = 1):
+    def __init__(self, merged: fx.GraphModule, *, fuse: str | FusionCostModel = "auto", batch: int = 1,
+                 fold_batchnorm: bool | None = None, usage: Mapping[TaskSet, float] | None = None):
         super().__init__()
         self.fuse, self.batch = fuse, batch
-        self.network = sort_channels(merged).eval()
-        self._view = read_multitask(self.network)  # read and checked once, for every combination
+        view = read_multitask(merged)
+        ordered = select_from_view(view, order_keep(view, group_orders(view, usage))).eval()
+        self._view = inference_view(read_multitask(ordered), fold_batchnorm)  # read and checked once, for every combination
+        self.network = self._view.gm
+        self.channels_last = example_from_meta(self.network).dim() == 4
+        if self.channels_last:  # conv weights stored channels-last once: their slices stay views
+            self.network.to(memory_format=torch.channels_last)
         self.tasks = self._view.tasks
         self._specialised: dict[TaskSet, fx.GraphModule] = {}
 
@@ -37,7 +49,7 @@ class MultitaskRuntime(nn.Module):
         combo = self.tasks.select(tasks)
         if combo not in self._specialised:
             self._specialised[combo] = emit_view(
-                self._view, combo, share_weights=True, fuse=self.fuse, batch=self.batch
+                self._view, combo, share_weights=True, fuse=self.fuse, batch=self.batch, channels_last=self.channels_last
             ).eval()
         return self._specialised[combo]
 

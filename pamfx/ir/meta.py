@@ -14,10 +14,11 @@ writes these keys through the constants below. Types and carriers:
   channel (where groups = in = out = 1 would read as a dense conv).
 - ``META_CONV_GROUPS`` (tuple[tuple[int, ...], tuple[int, ...]]): a merged grouped conv — the
   conv group id of every output and every input channel (connections only within a group).
-- ``META_GROUP`` (tuple[str, int, tuple[int, ...]]): emitted modules — the layer, task set and
-  merged channel indices a node's value holds.
-- ``META_FUSED`` / ``META_DECLINED`` (dict): emitted dense calls fused into one masked call, or
-  whose fusion was considered and declined — layer, groups, edge_flops, dense_flops, reason.
+- ``META_GROUP`` (tuple[str, tuple[tuple[int, tuple[int, ...]], ...]]): emitted modules — the
+  layer, and the groups (task set, merged channel indices) a node's value holds, in channel order.
+- ``META_FUSED`` / ``META_DECLINED`` (dict): emitted dense calls that multiply masked zeros or
+  serve several groups, or dense ops planned exactly although fusion was considered — layer,
+  groups, edge_flops, dense_flops, reason.
 """
 from __future__ import annotations
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 import abc
 from typing import Any, Iterable, Mapping, Sequence
 
-from torch import fx, nn
-from torch.fx.experimental.optimization import fuse
+from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
 from pamfx.codegen.emit import emit_view
 from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet
+from pamfx.passes.fold_batchnorm import batchnorms, fold_batchnorm, inference_view
 from pamfx.passes.select_channels import select_from_view, sort_keep
 
 
@@ -93,31 +93,30 @@ class SelectChannelsPass(MultitaskPass):
 class FoldBatchNormPass(MultitaskPass):
     """Fold every BatchNorm into the conv / linear that alone feeds it (inference only).
 
-    Uses torch's `torch.fx.experimental.optimization.fuse` on the merged graph (no re-trace), so
-    the IR in ``node.meta`` stays; masked weights stay exactly 0 since folding scales rows.
+    `pamfx.passes.fold_batchnorm.fold_batchnorm`: torch's `torch.fx.experimental.optimization.fuse`
+    on the merged graph (no re-trace), so the IR in ``node.meta`` stays; masked weights stay
+    exactly 0 since folding scales rows.
     """
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         super().requires(graph_module)
-        training = [name for name, m in graph_module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        training = [name for name, m in batchnorms(graph_module).items() if m.training]
         if training:
             raise InputError(f"FoldBatchNormPass folds inference BatchNorms; these are in training mode: {training}")
 
     def transform(self, view: MultitaskView) -> fx.GraphModule:
-        folded = fuse(view.gm, inplace=False, no_trace=True)
-        folded.training = view.gm.training
-        read_multitask(folded)
-        return folded
+        return fold_batchnorm(view).gm
 
 
 class EmitPass(MultitaskPass):
-    """`pamfx.emit`: the standalone module of task combination ``tasks`` (same options)."""
+    """`pamfx.emit`: the standalone module of task combination ``tasks`` (same options: BatchNorms
+    folded in eval mode unless ``fold_batchnorm=False``)."""
 
-    def __init__(self, tasks: Iterable[str] | str | TaskSet, *, inplace: bool = False, **options: Any):
+    def __init__(self, tasks: Iterable[str] | str | TaskSet, *, inplace: bool = False, fold_batchnorm: bool | None = None, **options: Any):
         super().__init__(inplace=inplace)
         self.tasks = tasks
+        self.fold_batchnorm = fold_batchnorm
         self.options = options
 
     def transform(self, view: MultitaskView) -> fx.GraphModule:
-        return emit_view(view, self.tasks, **self.options)
-
+        return emit_view(inference_view(view, self.fold_batchnorm), self.tasks, **self.options)

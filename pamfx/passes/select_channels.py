@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import fx
 
+from pamfx.analysis.channel_order import group_orders
 from pamfx.analysis.channel_rules import Role
 from pamfx.analysis.layer_organisation import Submodules
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
@@ -22,6 +23,7 @@ from pamfx.errors import InputError, check_type
 from pamfx.frontend import example_from_meta, shape_propagate
 from pamfx.ir.diagonal import DiagonalConnection
 from pamfx.ir.meta import META_CONV_GROUPS, META_LAYER, META_MASK
+from pamfx.ir.task_set import TaskSet
 from pamfx.passes.module_surgery import channel_tensors, rebuild, set_module
 
 
@@ -122,6 +124,25 @@ def sort_channels(gm: fx.GraphModule) -> fx.GraphModule:
     """Reorder every layer's channels by task set (stable), so that each group is contiguous."""
     view = read_multitask(gm)
     return select_from_view(view, sort_keep(view))
+
+
+def order_channels(gm: fx.GraphModule, usage: Mapping[TaskSet, float] | None = None) -> fx.GraphModule:
+    """Reorder every layer's channels group by group in the order codegen lays them out
+    (`pamfx.analysis.channel_order.group_orders` under the usage distribution ``usage``), so that
+    each group, and most sets of groups a specialisation reads together, are contiguous."""
+    view = read_multitask(gm)
+    return select_from_view(view, order_keep(view, group_orders(view, usage)))
+
+
+def order_keep(view: MultitaskView, orders: Mapping[str, Sequence[TaskSet]]) -> dict[str, list[int]]:
+    """Per layer, its channel indices group by group in ``orders[layer]`` (stable): what `order_channels` keeps."""
+    keep = {}
+    for name, rec in view.records.items():
+        if name in view.fixed_layers:
+            continue
+        rank = {t: i for i, t in enumerate(orders[name])}
+        keep[name] = sorted(range(rec.width), key=lambda c, rec=rec: (rank[rec.task_sets[c]], c))
+    return keep
 
 
 def sort_keep(view: MultitaskView) -> dict[str, list[int]]:
