@@ -131,7 +131,7 @@ def test_report_renders_latency(tiny_results, tmp_path):
     runs, results = tiny_results
     table = format_table(results)
     assert "time pam/baseline1 b2" in table and "time pam/baseline1 b1" in table
-    assert "PAM latency gain over baseline1" in table and "onnxruntime batch 1" in table
+    assert "PAM latency gain over baseline1, onnxruntime: batch 2 average" in table
     paths = write_report(results, tmp_path)
     saved = json.loads(paths["json"].read_text())
     assert saved["seeds"][0]["combinations"][0]["latency"] == results["seeds"][0]["combinations"][0]["latency"]

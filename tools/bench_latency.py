@@ -175,8 +175,8 @@ def main() -> None:
     tables = []
     for setting in args.settings:
         results = run_setting(setting, args)
-        print(format_table(results), flush=True)
         tables += summary_table(setting, results)
+        print(format_table(results), "", *HEADER, *summary_table(setting, results), sep="\n", flush=True)
     print()
     print("\n".join(HEADER + tables))
 
