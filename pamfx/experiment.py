@@ -98,6 +98,7 @@ class ExperimentConfig:
     latency_backends: list[str] = field(default_factory=lambda: ["torch", "onnxruntime"])
     latency_batches: list[int] = field(default_factory=lambda: [1, 8])
     latency_repeats: int = 20
+    latency_clock: str = "cpu"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ExperimentConfig":
@@ -143,9 +144,9 @@ class ExperimentConfig:
                 raise InputError(f"config {message}")
         if self.latency:
             try:
-                check_backends(self.latency_backends)
+                check_backends(self.latency_backends, self.latency_clock)
             except InputError as err:
-                raise InputError(f"config 'latency_backends': {err}") from err
+                raise InputError(f"config 'latency_backends' / 'latency_clock': {err}") from err
 
 
 @dataclass
@@ -290,7 +291,8 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
             f"batch {', '.join(map(str, config.latency_batches))}")
         run.latency = measure_latency({m: r.network for m, r in run.methods.items()}, tasks, example,
                                       batches=config.latency_batches, backends=config.latency_backends,
-                                      repeats=config.latency_repeats, seed=seed, progress=progress)
+                                      repeats=config.latency_repeats, clock=config.latency_clock, seed=seed,
+                                      progress=progress)
     return run
 
 

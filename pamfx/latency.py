@@ -1,4 +1,4 @@
-"""Wall time of every task combination: PAM's emitted module against baseline 1's networks.
+"""Latency of every task combination: PAM's emitted module against baseline 1's networks.
 
 FLOPs are what the comparison optimises; latency is what a user pays. `measure_latency` times, for
 every task combination S, what each method would ship for S:
@@ -13,6 +13,13 @@ module's outputs are first checked against its network's (the merged network, ma
 task; emission must not change the tasks of S). Timing is interleaved: after warm-up, each repeat
 runs every method once, in an order rotated from repeat to repeat, so that load on the machine
 affects the methods alike; the figure is the median over the repeats of one forward of the batch.
+
+The clock is by default the timing thread's CPU time (``clock="cpu"``, `time.thread_time`): with
+one thread, torch and onnxruntime compute in the calling thread, so on an idle machine it equals
+wall time, and on a shared one it leaves out the time the thread waits while other processes run.
+On this project's 2-core machine shared by several jobs, wall-time medians of one module swung
+from 1.9 to 10 ms from block to block while its CPU-time medians stayed within 5 %.
+``clock="wall"`` (`time.perf_counter`) measures wall time, for a dedicated machine.
 
 `add_latency` writes the measurements into the comparison's JSON results (`pamfx.experiment`):
 per seed and combination the seconds (``latency[method][backend][batch]``) and the gain of PAM
@@ -41,20 +48,30 @@ from pamfx.ir.task_set import TaskSet, TaskSpace
 from pamfx.progress import progress_bar
 
 BACKENDS = ("torch", "onnxruntime")
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.thread_time, "wall": time.perf_counter}
 #: ``{combination: {method: {backend: {batch: seconds}}}}``
 Latency = dict[TaskSet, dict[str, dict[str, dict[int, float]]]]
 #: What a method ships: one merged network, or baseline 1's ``{task: single-task network}``.
 Networks = Mapping[str, fx.GraphModule | Mapping[str, fx.GraphModule]]
-PROTOCOL = ("median seconds of one forward of the whole batch over interleaved repeats after warm-up; torch: "
+PROTOCOL = ("median seconds of one forward of the whole batch over interleaved repeats after warm-up, on the clock "
+            "of config latency_clock ('cpu': the timing thread's CPU time; 'wall': wall time); torch: "
             "pamfx.emit modules, 1 thread, inference mode; onnxruntime: pamfx.export_all files, 1 intra-op thread; "
             "baseline 1: its networks of the combination's tasks run one after another")
 TOLERANCE = 1e-4
 
-Runner = Callable[[], Any]
+#: What a timed call runs: a function of the input batch.
+Runner = Callable[[Any], Any]
+#: Per method and combination: the (network, combination of that network) pairs run one after another.
+Parts = dict[str, dict[TaskSet, list[tuple[fx.GraphModule, TaskSet]]]]
+_SINGLE = 1  # the combination of a single-task network: its one task
 
 
-def check_backends(backends: Sequence[str]) -> None:
-    """Raise `InputError` for an unknown backend or one whose packages are not installed."""
+def check_backends(backends: Sequence[str], clock: str = "cpu") -> None:
+    """Raise `InputError` for an unknown backend or clock, or a backend whose packages are not installed."""
+    if clock not in CLOCKS:
+        raise InputError(f"latency clock must be one of {list(CLOCKS)}, got {clock!r}")
+    if clock == "cpu" and time.get_clock_info("thread_time").resolution > 1e-6:
+        raise InputError("latency clock 'cpu': this platform's thread clock is too coarse; use 'wall'")
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise InputError(f"latency backends must be a non-empty list of {list(BACKENDS)}, got {list(backends)!r}")
@@ -65,14 +82,14 @@ def check_backends(backends: Sequence[str]) -> None:
                              "or time eager torch only (latency_backends = [\"torch\"])")
 
 
-def _parts(networks: Networks, tasks: TaskSpace) -> dict[str, dict[TaskSet, list[tuple[fx.GraphModule, TaskSet]]]]:
-    """Per method and combination: the (network, its combination) pairs run one after another."""
-    parts: dict[str, dict[TaskSet, list[tuple[fx.GraphModule, TaskSet]]]] = {}
+def _parts(networks: Networks, tasks: TaskSpace) -> Parts:
+    """What every method runs for every combination (`Parts`)."""
+    parts: Parts = {}
     for method, network in networks.items():
         if isinstance(network, fx.GraphModule):
             parts[method] = {c: [(network, c)] for c in tasks.combinations()}
         elif isinstance(network, Mapping) and set(network) == set(tasks):
-            parts[method] = {c: [(network[t], 1) for t in tasks.ordered_names(c)] for c in tasks.combinations()}
+            parts[method] = {c: [(network[t], _SINGLE) for t in tasks.ordered_names(c)] for c in tasks.combinations()}
         else:
             raise InputError(f"latency: method {method!r} must give a merged GraphModule or one network per task "
                              f"of {list(tasks)}, got {type(network).__name__}")
@@ -86,7 +103,7 @@ def _close(got: Any, expected: torch.Tensor, what: str, error: type[Exception]) 
         raise error(f"latency: {what} differs from its network's output (max error {gap}); refusing to time it")
 
 
-def _torch_runners(parts, x: torch.Tensor) -> dict[str, dict[TaskSet, Runner]]:
+def _torch_runners(parts: Parts, x: torch.Tensor) -> dict[str, dict[TaskSet, Runner]]:
     """Emitted modules, checked against their networks on ``x``, as one runner per method and combination."""
     emitted: dict[tuple[int, TaskSet], fx.GraphModule] = {}
     runners: dict[str, dict[TaskSet, Runner]] = {}
@@ -107,7 +124,7 @@ def _torch_runners(parts, x: torch.Tensor) -> dict[str, dict[TaskSet, Runner]]:
     return runners
 
 
-def _ort_runners(parts, x: torch.Tensor, folder: Path, progress: bool) -> dict[str, dict[TaskSet, Runner]]:
+def _ort_runners(parts: Parts, x: torch.Tensor, folder: Path, progress: bool) -> dict[str, dict[TaskSet, Runner]]:
     """onnxruntime sessions of `export_all`'s files, checked against the networks on ``x``."""
     import onnxruntime as ort
 
@@ -141,8 +158,10 @@ def _ort_runners(parts, x: torch.Tensor, folder: Path, progress: bool) -> dict[s
     return runners
 
 
-def interleaved_medians(runners: Mapping[str, Runner], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds of each runner, run in turn (order rotated every repeat) after ``warmup`` runs of each."""
+def interleaved_medians(runners: Mapping[str, Callable[[], Any]], repeats: int, warmup: int,
+                        clock: Callable[[], float] = time.thread_time) -> dict[str, float]:
+    """Median seconds on ``clock`` of each runner, run in turn (order rotated every repeat) after
+    ``warmup`` runs of each."""
     names = list(runners)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(warmup):
@@ -150,9 +169,9 @@ def interleaved_medians(runners: Mapping[str, Runner], repeats: int, warmup: int
             runners[name]()
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
+            start = clock()
             runners[name]()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -165,15 +184,17 @@ def measure_latency(
     backends: Sequence[str] = BACKENDS,
     repeats: int = 20,
     warmup: int = 3,
+    clock: str = "cpu",
     seed: int = 0,
     progress: bool = True,
 ) -> Latency:
     """Median seconds per forward of every method for every combination, backend and batch size.
 
     ``networks`` maps a method to its merged network or to baseline 1's ``{task: network}``;
-    ``example`` is one input (its batch size is ignored); inputs are drawn with ``seed``.
+    ``example`` is one input (its batch size is ignored); inputs are drawn with ``seed``. ``clock``:
+    ``"cpu"`` (the timing thread's CPU time) or ``"wall"`` (see the module's docstring).
     """
-    check_backends(backends)
+    check_backends(backends, clock)
     if not batches or any(not isinstance(b, int) or b < 1 for b in batches):
         raise InputError(f"latency batches must be positive ints, got {list(batches)!r}")
     if repeats < 1 or warmup < 0:
@@ -197,7 +218,7 @@ def measure_latency(
                 with torch.inference_mode() if backend == "torch" else contextlib.nullcontext():
                     for batch, combo in progress_bar(jobs, desc=f"latency ({backend})", enabled=progress):
                         timed = {m: (lambda run, x: lambda: run(x))(runners[m][combo], feed[batch]) for m in parts}
-                        for method, seconds in interleaved_medians(timed, repeats, warmup).items():
+                        for method, seconds in interleaved_medians(timed, repeats, warmup, CLOCKS[clock]).items():
                             result[combo][method][backend][batch] = seconds
     finally:
         torch.set_num_threads(threads)

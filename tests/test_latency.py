@@ -58,14 +58,15 @@ def test_timed_modules_compute_the_networks_outputs(networks, tmp_path):
 
 def test_every_combination_backend_and_batch_is_measured(networks):
     nets, tasks, x = networks
-    latency = measure_latency(nets, tasks, x, batches=BATCHES, repeats=2, warmup=1, progress=False)
-    assert list(latency) == tasks.combinations()
-    for combo, methods in latency.items():
-        assert set(methods) == {"baseline1", "pam"}
-        for backends in methods.values():
-            assert set(backends) == {"torch", "onnxruntime"}
-            for seconds in backends.values():
-                assert set(seconds) == set(BATCHES) and all(s > 0 for s in seconds.values())
+    for clock in ("cpu", "wall"):
+        latency = measure_latency(nets, tasks, x, batches=BATCHES, repeats=2, warmup=1, clock=clock, progress=False)
+        assert list(latency) == tasks.combinations()
+        for combo, methods in latency.items():
+            assert set(methods) == {"baseline1", "pam"}
+            for backends in methods.values():
+                assert set(backends) == {"torch", "onnxruntime"}
+                for seconds in backends.values():
+                    assert set(seconds) == set(BATCHES) and all(s > 0 for s in seconds.values())
 
 
 def test_a_module_that_disagrees_with_its_network_is_not_timed(networks, monkeypatch):
@@ -91,7 +92,10 @@ def test_bad_input_is_named(networks):
         measure_latency({"baseline1": {"A": nets["baseline1"]["A"]}}, tasks, x, progress=False)
     with pytest.raises(InputError, match="batches"):
         measure_latency(nets, tasks, x, batches=[0], progress=False)
-    for bad in (dict(latency_backends=["cuda"]), dict(latency_batches=[]), dict(latency_repeats=0)):
+    with pytest.raises(InputError, match="clock"):
+        measure_latency(nets, tasks, x, clock="sundial", progress=False)
+    for bad in (dict(latency_backends=["cuda"]), dict(latency_batches=[]), dict(latency_repeats=0),
+                dict(latency_clock="sundial")):
         with pytest.raises(InputError, match="latency"):
             ExperimentConfig.from_mapping(bad)
 

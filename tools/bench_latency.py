@@ -44,7 +44,7 @@ from pamfx.report import format_table, write_report  # noqa: E402
 
 TARGET = 0.85
 BACKENDS = ("torch", "onnxruntime")
-TIMING_KEYS = {"latency", "latency_backends", "latency_repeats"}  # changing these re-times, never re-prunes
+TIMING_KEYS = {"latency", "latency_backends", "latency_repeats", "latency_clock"}  # changing these re-times, never re-prunes
 
 
 def _network_paths(folder: Path, seed: int, method: str, tasks: list[str]) -> dict[str | None, Path]:
@@ -78,7 +78,8 @@ def _load_networks(folder: Path, results: dict) -> list[Networks] | None:
 def run_setting(setting: str, args: argparse.Namespace) -> dict:
     """The setting's results with freshly measured latency: re-timed from saved networks where possible."""
     config = dataclasses.replace(config_of(setting), latency=True, latency_batches=[8, 1],
-                                 latency_backends=list(BACKENDS), latency_repeats=args.repeats)
+                                 latency_backends=list(BACKENDS), latency_repeats=args.repeats,
+                                 latency_clock=args.clock)
     if args.seeds:
         config = dataclasses.replace(config, seeds=list(args.seeds))
     config.validate()
@@ -92,7 +93,8 @@ def run_setting(setting: str, args: argparse.Namespace) -> dict:
         log(f"re-timing the networks saved in {folder / 'networks'}")
         tasks = pamfx.TaskSpace(tuple(saved["tasks"]))
         latencies = [measure_latency(nets, tasks, example_from_meta(nets["pam"]), batches=config.latency_batches,
-                                     backends=config.latency_backends, repeats=config.latency_repeats, seed=run["seed"],
+                                     backends=config.latency_backends, repeats=config.latency_repeats,
+                                     clock=config.latency_clock, seed=run["seed"],
                                      progress=not args.no_progress)
                      for nets, run in zip(networks, saved["seeds"])]
         results = add_latency(saved, latencies)
@@ -159,6 +161,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="override every setting's seeds (default: 0)")
     parser.add_argument("--quick", action="store_true", help="fewer timed repeats (10 instead of 40)")
     parser.add_argument("--repeats", type=int, help="timed repeats per module (default 40, 10 with --quick)")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="the timing thread's CPU time (default: robust on a shared machine) or wall time")
     parser.add_argument("--out", type=Path, default=Path("bench-latency-out"))
     parser.add_argument("--force", action="store_true", help="prune again even where networks are saved")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for pruning (timing always uses 1)")
@@ -171,7 +175,7 @@ def main() -> None:
     args.repeats = args.repeats or (10 if args.quick else 40)
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}; timing: 1 thread, "
-          f"median of {args.repeats} interleaved repeats after warm-up, seeds {args.seeds}", flush=True)
+          f"median of {args.repeats} interleaved repeats after warm-up, clock {args.clock!r}, seeds {args.seeds}", flush=True)
     tables = []
     for setting in args.settings:
         results = run_setting(setting, args)
