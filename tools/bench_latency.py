@@ -85,7 +85,10 @@ def run_setting(setting: str, args: argparse.Namespace) -> dict:
     config.validate()
     folder = args.out / setting
     target = folder / "results.json"
-    log = lambda line: print(f"{setting}: {line}", flush=True)  # noqa: E731
+
+    def log(line: str) -> None:
+        print(f"{setting}: {line}", flush=True)
+
     started = time.perf_counter()
     saved = json.loads(target.read_text()) if target.exists() and not args.force else None
     networks = _load_networks(folder, saved) if saved and _same_pipeline(saved["config"], config) else None
