@@ -113,7 +113,8 @@ def format_table(results: dict[str, Any]) -> str:
                          "calibration split; its least-deficient checkpoint is reported")
     lines.append(f"selection: {results['selection']}")
     if timed:
-        lines.append("time: emitted modules (torch) and exported ONNX files (onnxruntime), 1 thread, median of "
+        clock = "CPU time" if results["config"].get("latency_clock", "cpu") == "cpu" else "wall time"
+        lines.append(f"time: emitted modules (torch) and exported ONNX files (onnxruntime), 1 thread, median {clock} of "
                      "interleaved runs; baseline 1 runs its networks of the combination one after another")
     return "\n".join(lines)
 
