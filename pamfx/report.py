@@ -240,7 +240,7 @@ def write_report(results: dict[str, Any], out_dir: Path, regrouping=None) -> dic
         "frontier_plot": plot_frontier(results, out_dir / "frontier.png"),
         "sharing_plot": plot_sharing(results, out_dir / "sharing_ratio.png"),
     }
-    if "latency_gain" in results["summary"]:
+    if results["summary"].get("latency_gain"):  # measured, and a method besides PAM to compare with
         paths["latency_plot"] = plot_latency(results, out_dir / "latency.png")
     if regrouping is not None:
         target = out_dir / "alpha_trace.png"

@@ -1,6 +1,7 @@
 """The latency harness: what it times computes the networks' outputs, every combination, backend and
 batch is measured, and the comparison's results, table, CSV and plot carry the figures. Speed is
 never asserted: it depends on the machine."""
+import dataclasses
 import json
 import statistics
 
@@ -144,12 +145,21 @@ def test_report_renders_latency(tiny_results, tmp_path):
     assert {"latency_ms_torch_batch2", "latency_ms_onnxruntime_batch1"} <= set(header)
 
 
-def test_latency_can_be_left_out(tmp_path):
-    from test_experiment import TINY
-
-    config = ExperimentConfig.from_mapping(dict(TINY, seeds=[0], latency=False, cache=str(tmp_path)))
-    runs = run_comparison(config, progress=False, log=lambda *_: None)
-    results = results_dict(config, runs)
+def test_latency_can_be_left_out(tiny_results, tmp_path):
+    runs, results = tiny_results
+    config = ExperimentConfig.from_mapping(dict(results["config"], latency=False))
+    results = results_dict(config, [dataclasses.replace(run, latency={}) for run in runs])
     assert "latency" not in results["seeds"][0]["combinations"][0] and "latency_gain" not in results["summary"]
     assert "time pam" not in format_table(results)
+    assert "latency_plot" not in write_report(results, tmp_path)
+
+
+def test_pam_alone_is_timed_without_gains(networks, tmp_path):
+    from test_experiment import TINY
+
+    config = ExperimentConfig.from_mapping(dict(TINY, seeds=[0], methods=["pam"], latency_repeats=1, cache=str(tmp_path)))
+    runs = run_comparison(config, progress=False, log=lambda *_: None)
+    results = results_dict(config, runs)
+    assert set(results["seeds"][0]["combinations"][0]["latency"]) == {"pam"}
+    assert results["summary"]["latency_gain"] == {}
     assert "latency_plot" not in write_report(results, tmp_path / "out")
