@@ -31,7 +31,9 @@ same accuracy on the calibration split (the cheapest checkpoint within the toler
                              re-measured: REPRODUCTION.md with the paper's numbers beside ours
 
 Results (table with mean ± std over seeds, results.json, results.csv, PNG plots including the
-FLOPs-accuracy frontier) go to --out (default ./pamfx-out).
+FLOPs-accuracy frontier) go to --out (default ./pamfx-out). Every combination is also timed (PAM's
+emitted module against baseline 1's networks, torch and onnxruntime, batch 1 and 8; latency = false
+turns it off; docs/latency.md).
 """
 
 

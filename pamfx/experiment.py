@@ -13,6 +13,8 @@ Every pruning run records a trajectory (`pamfx.passes.prune.Trajectory`); each m
 is its cheapest checkpoint at which every task's *calibration* accuracy stays within
 ``tolerance`` of its unpruned single-task network (matched accuracy), and only that checkpoint is
 evaluated on the test split. Gains (Sec. 4.6.1) are per seed and then summarised as mean ± std.
+With ``latency`` on, every method's selected network is then timed for every combination
+(`pamfx.latency`: emitted modules in eager torch and onnxruntime, 1 thread, batch 1 and 8).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from pamfx.analysis.regroup import RegroupResult, regroup
 from pamfx.data import load_dataset, task_split
 from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet, TaskSpace
+from pamfx.latency import Latency, add_latency, check_backends, measure_latency
 from pamfx.passes.finetune import SCHEDULES, finetune, multilabel_loss
 from pamfx.passes.merge import as_multitask, merge
 from pamfx.passes.mtz import mtz_merge
@@ -93,6 +96,11 @@ class ExperimentConfig:
     vib_lr: float = 3e-3
     vib_alternate: bool = True
     cache: str | None = None
+    latency: bool = True
+    latency_backends: list[str] = field(default_factory=lambda: ["torch", "onnxruntime"])
+    latency_batches: list[int] = field(default_factory=lambda: [1, 8])
+    latency_repeats: int = 20
+    latency_clock: str = "cpu"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ExperimentConfig":
@@ -130,10 +138,19 @@ class ExperimentConfig:
              "'mtz_samples' must be >= 2 and 'mtz_finetune_steps' >= 1"),
             (self.recover_candidates >= 0 and self.recover_epochs >= 1,
              "'recover_candidates' must be >= 0 and 'recover_epochs' >= 1"),
+            (isinstance(self.latency_batches, list) and bool(self.latency_batches)
+             and all(isinstance(b, int) and b >= 1 for b in self.latency_batches),
+             f"'latency_batches' must be a non-empty list of positive ints, got {self.latency_batches!r}"),
+            (self.latency_repeats >= 1, f"'latency_repeats' must be >= 1, got {self.latency_repeats}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise InputError(f"config {message}")
+        if self.latency:
+            try:
+                check_backends(self.latency_backends, self.latency_clock)
+            except InputError as err:
+                raise InputError(f"config 'latency_backends' / 'latency_clock': {err}") from err
 
 
 @dataclass
@@ -164,6 +181,7 @@ class SeedRun:
     group_sizes: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     cross_origin_share: dict[str, float] = field(default_factory=dict)
     regrouping: RegroupResult | None = None
+    latency: Latency = field(default_factory=dict)
 
 
 def _loader(data: Dataset, batch_size: int, seed: int) -> DataLoader:
@@ -276,6 +294,13 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
         log(f"          {run.methods[method].seconds:.0f} s; " + ", ".join(
             f"{'&'.join(tasks.ordered_names(c))} {run.methods[method].flops[c] / 1e6:.3f} MFLOPs"
             for c in tasks.combinations() if c in (*(tasks.bit(t) for t in tasks), max(tasks.combinations()))))
+    if config.latency:
+        log(f"[seed {seed}] latency of every combination: {', '.join(config.latency_backends)}, "
+            f"batch {', '.join(map(str, config.latency_batches))}")
+        run.latency = measure_latency({m: r.network for m, r in run.methods.items()}, tasks, example,
+                                      batches=config.latency_batches, backends=config.latency_backends,
+                                      repeats=config.latency_repeats, clock=config.latency_clock, seed=seed,
+                                      progress=progress)
     return run
 
 
@@ -408,7 +433,7 @@ def results_dict(config: ExperimentConfig, runs: list[SeedRun]) -> dict[str, Any
         m: {t: _mean_std([r.methods["pam"].test_accuracy[t] - r.methods[m].test_accuracy[t] for r in runs]) for t in tasks}
         for m in methods if m != "pam"
     }
-    return {
+    results = {
         "config": dataclasses.asdict(config),
         "tasks": list(tasks),
         "flops_convention": "2 x multiply-accumulates of conv and linear layers per input sample (FlopCounterMode)",
@@ -426,3 +451,4 @@ def results_dict(config: ExperimentConfig, runs: list[SeedRun]) -> dict[str, Any
         },
         "seeds": seeds,
     }
+    return add_latency(results, [r.latency for r in runs]) if all(r.latency for r in runs) else results

@@ -1,4 +1,10 @@
-"""Readable results of a comparison: terminal table, results.json, results.csv, PNG plots."""
+"""Readable results of a comparison: terminal table, results.json, results.csv, PNG plots.
+
+Where the results carry latency (`pamfx.latency`), the table gets PAM's time over every other
+method's in eager torch per batch size, beside the FLOPs ratio, the gains are listed per backend
+and batch, the CSV gets one column per backend and batch, and latency.png plots latency gain
+against FLOP gain per combination.
+"""
 from __future__ import annotations
 
 import csv
@@ -53,13 +59,36 @@ def _start_gap(run: dict[str, Any], method: str) -> dict[str, float]:
             for task, accuracy in trajectory[0]["calib_accuracy"].items()}
 
 
+def _latency_columns(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """(method, batch) of the table's latency columns: eager torch, every method but PAM, largest batch first."""
+    latency = summary["combinations"][0].get("latency")
+    if not latency or "torch" not in latency["pam"]:
+        return []
+    batches = sorted(latency["pam"]["torch"], key=int, reverse=True)
+    return [(m, b) for m in latency if m != "pam" for b in batches]
+
+
+def _latency_lines(summary: dict[str, Any], spread: bool) -> list[str]:
+    """One line per compared method and backend: PAM's latency gain at every batch size."""
+    lines = []
+    for method, backends in summary.get("latency_gain", {}).items():
+        for backend, batches in backends.items():
+            parts = [f"batch {batch} average {_pm(g['average'], digits=2, unit='x', spread=spread)}, "
+                     f"peak {_pm(g['peak'], digits=2, unit='x', spread=spread)}"
+                     for batch, g in sorted(batches.items(), key=lambda item: -int(item[0]))]
+            lines.append(f"PAM latency gain over {method}, {backend}: " + "; ".join(parts))
+    return lines
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """Per combination: MFLOPs and test accuracy of every method (mean ± std over seeds), then the gains."""
+    """Per combination: MFLOPs, time ratio (where measured) and test accuracy of every method (mean ±
+    std over seeds), then the gains."""
     summary = results["summary"]
     methods = list(summary["combinations"][0]["flops"])
     spread = len(summary["seeds"]) > 1
+    timed = _latency_columns(summary)
     header = (["tasks"] + [f"MFLOPs {m}" for m in methods] + ["pam/" + m for m in methods if m != "pam"]
-              + [f"acc {m}" for m in methods])
+              + [f"time pam/{m} b{b}" for m, b in timed] + [f"acc {m}" for m in methods])
     rows = []
     for combo in summary["combinations"]:
         flops = combo["flops"]
@@ -67,6 +96,7 @@ def format_table(results: dict[str, Any]) -> str:
             ["&".join(combo["tasks"])]
             + [_pm(flops[m], 1e-6, spread=spread) for m in methods]
             + [f"{flops['pam']['mean'] / flops[m]['mean']:.2f}" for m in methods if m != "pam"]
+            + [f"{combo['latency']['pam']['torch'][b]['mean'] / combo['latency'][m]['torch'][b]['mean']:.2f}" for m, b in timed]
             + [_pm(combo["accuracy"][m], 100, 2, "%", spread) for m in methods]
         )
     lines = _table(header, rows)
@@ -77,6 +107,7 @@ def format_table(results: dict[str, Any]) -> str:
     for base, gain in summary["gain"].items():
         lines.append(f"PAM gain over {base}: average {_pm(gain['average'], digits=2, unit='x', spread=spread)}, "
                      f"peak {_pm(gain['peak'], digits=2, unit='x', spread=spread)} (FLOPs ratio, {n} seed{'s' * (n > 1)})")
+    lines += _latency_lines(summary, spread)
     for base in summary["test_accuracy_gap_pam_minus"]:
         for task in results["tasks"]:
             gaps = [_test_accuracy(run, task, "pam") - _test_accuracy(run, task, base) for run in results["seeds"]]
@@ -96,6 +127,10 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"note: {method}: on some seed no checkpoint kept every task within the tolerance on the "
                          "calibration split; its least-deficient checkpoint is reported")
     lines.append(f"selection: {results['selection']}")
+    if timed:
+        clock = "CPU time" if results["config"].get("latency_clock", "cpu") == "cpu" else "wall time"
+        lines.append(f"time: emitted modules (torch) and exported ONNX files (onnxruntime), 1 thread, median {clock} of "
+                     "interleaved runs; baseline 1 runs its networks of the combination one after another")
     return "\n".join(lines)
 
 
@@ -103,13 +138,17 @@ def write_csv(results: dict[str, Any], path: Path) -> Path:
     """One row per seed, combination and method."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["seed", "tasks", "method", "flops", "params", "mean_accuracy"])
+    latency = results["seeds"][0]["combinations"][0].get("latency")
+    timed = [(backend, batch) for backend, batches in latency["pam"].items() for batch in batches] if latency else []
+    writer.writerow(["seed", "tasks", "method", "flops", "params", "mean_accuracy"]
+                    + [f"latency_ms_{backend}_batch{batch}" for backend, batch in timed])
     for run in results["seeds"]:
         for combo in run["combinations"]:
             for m, flops in combo["flops"].items():
                 acc = combo["accuracy"][m]
                 writer.writerow([run["seed"], "&".join(combo["tasks"]), m, flops, combo["params"][m],
-                                 sum(acc.values()) / len(acc)])
+                                 sum(acc.values()) / len(acc)]
+                                + [1e3 * combo["latency"][m][backend][batch] for backend, batch in timed])
     return _atomic_write(path, buffer.getvalue())
 
 
@@ -168,6 +207,36 @@ def plot_frontier(results: dict[str, Any], path: Path, most: int = 8) -> Path:
         plt.close(fig)
 
 
+def plot_latency(results: dict[str, Any], path: Path) -> Path:
+    """Latency gain against FLOP gain of PAM over every other method, one point per combination and
+    backend / batch (mean over seeds, bars = ± std); on the diagonal, time follows FLOPs."""
+    combos = results["summary"]["combinations"]
+    bases = list(combos[0]["latency_gain"])
+    fig, axes = plt.subplots(1, len(bases), figsize=(5 * len(bases), 4.2), squeeze=False)
+    for ax, base in zip(axes[0], bases):
+        flop_gain = [c["flops"][base]["mean"] / c["flops"]["pam"]["mean"] for c in combos]
+        series = [(backend, batch) for backend, batches in combos[0]["latency_gain"][base].items()
+                  for batch in sorted(batches, key=int, reverse=True)]
+        for backend, batch in series:
+            gains = [c["latency_gain"][base][backend][batch] for c in combos]
+            ax.errorbar(flop_gain, [g["mean"] for g in gains], yerr=[g["std"] for g in gains], fmt="o",
+                        markersize=4, capsize=2, label=f"{backend}, batch {batch}")
+        if len(combos) <= 7:  # name the points of the first series
+            backend, batch = series[0]
+            for c, x in zip(combos, flop_gain):
+                ax.annotate("&".join(c["tasks"]), (x, c["latency_gain"][base][backend][batch]["mean"]), fontsize=7)
+        ends = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+        ax.plot(ends, ends, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(f"FLOP gain (FLOPs {base} / FLOPs pam)")
+        ax.set_ylabel(f"latency gain (t {base} / t pam)")
+        ax.set_title(f"PAM vs {base}, every combination", fontsize=9)
+        ax.legend(fontsize=7)
+    try:
+        return _atomic_write(path, figure=fig)
+    finally:
+        plt.close(fig)
+
+
 def plot_sharing(results: dict[str, Any], path: Path) -> Path:
     """Share of each layer's channels used by every task, after merging and after pruning (Fig. 4.6), first seed."""
     stages = results["seeds"][0]["sharing_ratio"]
@@ -186,6 +255,8 @@ def write_report(results: dict[str, Any], out_dir: Path, regrouping=None) -> dic
         "frontier_plot": plot_frontier(results, out_dir / "frontier.png"),
         "sharing_plot": plot_sharing(results, out_dir / "sharing_ratio.png"),
     }
+    if results["summary"].get("latency_gain"):  # measured, and a method besides PAM to compare with
+        paths["latency_plot"] = plot_latency(results, out_dir / "latency.png")
     if regrouping is not None:
         target = out_dir / "alpha_trace.png"
         with atomic_path(target) as tmp:
