@@ -67,7 +67,7 @@ class ExperimentConfig:
     epochs: int = 3
     lr: float = 3e-3
     batch_size: int = 32
-    alpha: float = 0.3
+    alpha: float = 0.1
     relative_alpha: bool = True
     regroup_samples: int = 300
     regroup_variant: str = "full"
