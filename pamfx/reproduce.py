@@ -133,13 +133,14 @@ FULL = ReproductionPlan(
     alphas=[0.05, 0.1, 0.3, 0.8], overlaps=[0, 2, 4, 5],
 )
 
-#: ``--quick``: 16×16 tiled-digits, fewer samples, epochs and pruning rounds, 2 seeds, fewer ablation points.
+#: ``--quick``: 16×16 tiled-digits, fewer samples, epochs and pruning rounds, 2 seeds, fewer ablation points,
+#: no latency timing (Sec. 4.6 compares FLOPs; the timing would add minutes to a 15-minute budget).
 QUICK = ReproductionPlan(
     name="quick", seeds=[0, 1],
     common=dict(dataset="tiled-digits", n_train=1200, n_calib=1600, n_test=800, epochs=4, methods=["baseline1", "mtz", "pam"],
                 finetune_epochs=1, prune_rounds=12, prune_finetune_steps=25, prune_step=0.15, importance_batches=4,
                 tolerance=0.01, search_tolerance=0.02, vib_epochs=4, mtz_samples=200, mtz_finetune_steps=25,
-                recover_candidates=1, recover_epochs=1, regroup_samples=200),
+                recover_candidates=1, recover_epochs=1, regroup_samples=200, latency=False),
     tables={k: dict(v, n_calib=1600, width=0.5) if v["model"] != "lenet5" else dict(v) for k, v in _TABLES.items()},
     ablation=dict(model="lenet5", tasks=2, pruner="taylor", methods=["baseline1", "pam"]),
     alphas=[0.05, 0.3, 0.8], overlaps=[0, 3, 5],
