@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.utils.data import DataLoader, Dataset
 
 from pamfx.analysis.cost import combination_weights, cost, cross_origin_flops
 from pamfx.analysis.layer_matching import organise_layers
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.analysis.regroup import RegroupResult, regroup
-from pamfx.data import load_dataset, task_split
+from pamfx.data import TiledDigits, load_dataset, task_split
 from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet, TaskSpace
 from pamfx.latency import Latency, add_latency, check_backends, measure_latency
@@ -241,19 +241,45 @@ def _selected(trajectory: Trajectory, tolerance: float) -> tuple[Checkpoint, boo
     return point, trajectory.within(point, tolerance)
 
 
-def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Callable[[str], None] = print) -> SeedRun:
-    """Run the configured methods on one seed (see the module docstring)."""
+@dataclass
+class SeedSetup:
+    """One seed's data, task labels, trained single-task networks and their calibration accuracies."""
+
+    data: TiledDigits
+    label_map: dict[str, list[int]]
+    models: dict[str, nn.Module]
+    calib_reference: dict[str, float]
+
+    @property
+    def example(self) -> torch.Tensor:
+        return self.data.train[0][0][None]
+
+
+def task_labels(config: ExperimentConfig) -> dict[str, list[int]]:
+    """Task name → label indices: the config's ``labels``, else `task_split` of its ``tasks``."""
+    return dict(config.labels) if config.labels is not None else task_split(config.tasks)
+
+
+def seed_setup(config: ExperimentConfig, seed: int, progress: bool = True) -> SeedSetup:
+    """Build the seeded data and train (or load from the cache) the K single-task networks of ``config``."""
     data = load_dataset(config.dataset, seed=seed, n_train=config.n_train, n_calib=config.n_calib, n_test=config.n_test)
-    label_map = dict(config.labels) if config.labels is not None else task_split(config.tasks)
-    tasks = TaskSpace(tuple(label_map))
-    log(f"[seed {seed}] [1/{len(config.methods) + 1}] single-task networks: {config.model} on {config.dataset}, tasks {list(tasks)}")
+    label_map = task_labels(config)
     models = {
         t: get_or_train(data, config.model, label_map[t], width=config.width, epochs=config.epochs, lr=config.lr,
                         batch_size=config.batch_size, seed=seed * 100 + i, cache=config.cache, progress=progress).eval()
-        for i, t in enumerate(tasks)
+        for i, t in enumerate(label_map)
     }
-    example = data.train[0][0][None]
     calib_reference = {t: evaluate_multitask(m, data.calib, {t: label_map[t]})[t] for t, m in models.items()}
+    return SeedSetup(data, label_map, models, calib_reference)
+
+
+def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Callable[[str], None] = print) -> SeedRun:
+    """Run the configured methods on one seed (see the module docstring)."""
+    label_map = task_labels(config)
+    tasks = TaskSpace(tuple(label_map))
+    log(f"[seed {seed}] [1/{len(config.methods) + 1}] single-task networks: {config.model} on {config.dataset}, tasks {list(tasks)}")
+    setup = seed_setup(config, seed, progress)
+    data, models, calib_reference, example = setup.data, setup.models, setup.calib_reference, setup.example
     test_reference = {t: evaluate_multitask(m, data.test, {t: label_map[t]})[t] for t, m in models.items()}
     check_calibration_noise(calib_reference, len(data.calib), {t: len(label_map[t]) for t in tasks}, config.tolerance,
                             strict=config.strict_noise)

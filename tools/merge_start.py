@@ -24,22 +24,17 @@ from pamfx.analysis.layer_matching import organise_layers
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.analysis.regroup import regroup
 from pamfx.cli import load_config
-from pamfx.data import load_dataset, task_split
-from pamfx.experiment import ExperimentConfig, _loader, _parse_weights
+from pamfx.experiment import ExperimentConfig, _loader, _parse_weights, seed_setup
 from pamfx.passes.finetune import finetune, multilabel_loss
 from pamfx.passes.merge import merge
-from pamfx.zoo.train import evaluate_multitask, get_or_train
+from pamfx.zoo.train import evaluate_multitask
 
 
 def start_points(config: ExperimentConfig, seed: int, alphas: list[float]) -> list[dict]:
     """One record per α: expected FLOPs, sharing ratio per layer and accuracy gap per task."""
-    data = load_dataset(config.dataset, seed=seed, n_train=config.n_train, n_calib=config.n_calib, n_test=config.n_test)
-    label_map = dict(config.labels) if config.labels is not None else task_split(config.tasks)
-    models = {t: get_or_train(data, config.model, label_map[t], width=config.width, epochs=config.epochs, lr=config.lr,
-                              batch_size=config.batch_size, seed=seed * 100 + i, cache=config.cache, progress=False).eval()
-              for i, t in enumerate(label_map)}
-    reference = {t: evaluate_multitask(m, data.calib, {t: label_map[t]})[t] for t, m in models.items()}
-    example = data.train[0][0][None]
+    setup = seed_setup(config, seed, progress=False)
+    data, label_map, models, reference, example = (setup.data, setup.label_map, setup.models, setup.calib_reference,
+                                                   setup.example)
     n = min(config.regroup_samples, len(data.calib))
     layers = organise_layers(models, example)
     result = regroup(layers, data.calib.images[:n], {t: data.calib.labels[:n, label_map[t]] for t in label_map},
