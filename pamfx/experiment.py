@@ -22,7 +22,7 @@ import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -67,7 +67,7 @@ class ExperimentConfig:
     epochs: int = 3
     lr: float = 3e-3
     batch_size: int = 32
-    alpha: float = 0.1
+    alpha: float | list[float] = 0.1
     relative_alpha: bool = True
     regroup_samples: int = 300
     regroup_variant: str = "full"
@@ -102,6 +102,11 @@ class ExperimentConfig:
     latency_repeats: int = 20
     latency_clock: str = "cpu"
 
+    @property
+    def alphas(self) -> list[float]:
+        """The α candidates: ``alpha`` itself, or the list PAM chooses from per seed (`choose_alpha`)."""
+        return list(self.alpha) if isinstance(self.alpha, list) else [self.alpha]
+
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ExperimentConfig":
         known = {f.name for f in dataclasses.fields(cls)}
@@ -117,7 +122,9 @@ class ExperimentConfig:
             (0 <= self.tolerance <= 1, f"'tolerance' must be an accuracy difference in [0, 1], got {self.tolerance}"),
             (self.search_tolerance >= self.tolerance,
              f"'search_tolerance' ({self.search_tolerance}) must be >= 'tolerance' ({self.tolerance})"),
-            (self.alpha >= 0, f"'alpha' must be >= 0, got {self.alpha}"),
+            (bool(self.alphas) and all(isinstance(a, (int, float)) and a >= 0 for a in self.alphas)
+             and len(set(self.alphas)) == len(self.alphas),
+             f"'alpha' must be a number >= 0 or a list of distinct ones to choose from, got {self.alpha!r}"),
             (self.regroup_samples >= 2, f"'regroup_samples' must be >= 2, got {self.regroup_samples}"),
             (0 < self.prune_step <= 1, f"'prune_step' must be in (0, 1], got {self.prune_step}"),
             (0 <= self.prune_floor < 1, f"'prune_floor' must be in [0, 1), got {self.prune_floor}"),
@@ -181,6 +188,7 @@ class SeedRun:
     group_sizes: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     cross_origin_share: dict[str, float] = field(default_factory=dict)
     regrouping: RegroupResult | None = None
+    start: list[StartPoint] = field(default_factory=list)
     latency: Latency = field(default_factory=dict)
 
 
@@ -273,6 +281,64 @@ def seed_setup(config: ExperimentConfig, seed: int, progress: bool = True) -> Se
     return SeedSetup(data, label_map, models, calib_reference)
 
 
+@dataclass
+class StartPoint:
+    """PAM's merged network for one α after the fine-tune every method gets, before any pruning.
+
+    ``gap``: per task, calibration accuracy minus the single-task network's; ``expected_flops``:
+    under the config's combination weights. ``train`` is the training loader the fine-tune
+    advanced; pruning continues from it, so a single α gives the same run as before α lists existed.
+    """
+
+    alpha: float
+    expected_flops: float
+    sharing: dict[str, float]
+    gap: dict[str, float]
+    network: fx.GraphModule = field(repr=False)
+    train: DataLoader = field(repr=False)
+
+    def matchable(self, tolerance: float) -> bool:
+        """Every task within ``tolerance`` of its single-task network on the calibration split."""
+        return min(self.gap.values()) >= -tolerance
+
+
+def pam_start(config: ExperimentConfig, setup: SeedSetup, seed: int,
+              progress: bool = True) -> tuple[RegroupResult, list[StartPoint]]:
+    """Regroup once for every α of ``config.alphas`` (Alg. 4 / 5: one greedy run serves them all), then
+    merge and fine-tune each grouping (fresh, equally seeded loader per α) and measure its start."""
+    data, label_map, example = setup.data, setup.label_map, setup.example
+    n = min(config.regroup_samples, len(data.calib))
+    layers = organise_layers(setup.models, example)
+    alphas = config.alphas
+    result = regroup(layers, data.calib.images[:n], {t: data.calib.labels[:n, label_map[t]] for t in label_map},
+                     alpha=alphas[0], alphas=alphas[1:], relative=config.relative_alpha, variant=config.regroup_variant,
+                     progress=progress)
+    points = []
+    for alpha, grouping in zip(alphas, (result.grouping, *result.groupings)):
+        merged = merge(setup.models, example, grouping, layers=layers)
+        train = _loader(data.train, config.batch_size, seed)
+        finetune(merged, train, multilabel_loss(label_map), epochs=config.finetune_epochs, lr=config.finetune_lr,
+                 seed=seed, schedule=config.finetune_schedule, progress=progress)
+        view = read_multitask(merged)
+        weights = _parse_weights(view.tasks, config.combination_weights)
+        accuracy = evaluate_multitask(merged, data.calib, label_map)
+        points.append(StartPoint(
+            alpha=alpha, expected_flops=sum(w * cost(merged, c).flops for c, w in weights.items()),
+            sharing={name: view.grouping().sharing_ratio(name) for name in view.grouping().layer_names},
+            gap={t: accuracy[t] - setup.calib_reference[t] for t in label_map}, network=merged, train=train))
+    return result, points
+
+
+def choose_alpha(points: Sequence[StartPoint], tolerance: float) -> StartPoint:
+    """The α of docs/pruning.md ("Choosing α"), on calibration data only: among the start points whose
+    every task is within ``tolerance``, the cheapest in expected FLOPs (the fewest neurons left shared,
+    each of which runs in every combination); when none is, the one whose worst task is least below."""
+    matchable = [p for p in points if p.matchable(tolerance)]
+    if matchable:
+        return min(matchable, key=lambda p: p.expected_flops)
+    return max(points, key=lambda p: min(p.gap.values()))
+
+
 def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Callable[[str], None] = print) -> SeedRun:
     """Run the configured methods on one seed (see the module docstring)."""
     label_map = task_labels(config)
@@ -285,8 +351,6 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
                             strict=config.strict_noise)
     run = SeedRun(seed, tasks, test_reference, calib_reference, _parse_weights(tasks, config.combination_weights))
 
-    n = min(config.regroup_samples, len(data.calib))
-    labels = {t: data.calib.labels[:n, label_map[t]] for t in tasks}
     loss = multilabel_loss(label_map)
     for step, method in enumerate(config.methods, start=2):
         log(f"[seed {seed}] [{step}/{len(config.methods) + 1}] {METHOD_TITLES[method]}, {config.pruner} pruning")
@@ -294,28 +358,32 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
         # every method gets its own loader with the same seed: a method's result never depends on
         # which methods ran before it
         train = _loader(data.train, config.batch_size, seed)
-        pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
         if method == "baseline1":
             singles = {t: finetune(as_multitask(m, example, t), train, multilabel_loss({t: label_map[t]}),
                                    epochs=config.finetune_epochs, lr=config.finetune_lr, seed=seed,
                                    schedule=config.finetune_schedule, progress=progress)
                        for t, m in models.items()}
+            pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
             run.methods[method] = _baseline1(singles, pruner, config.tolerance, data.test, label_map)
+        elif method == "pam":
+            run.regrouping, run.start = pam_start(config, setup, seed, progress)
+            chosen = choose_alpha(run.start, config.tolerance)
+            run.regrouping = run.regrouping.with_alpha_first(chosen.alpha)
+            if len(run.start) > 1:
+                log(f"          α = {chosen.alpha:g} of {config.alphas} (calibration start: "
+                    + ", ".join(f"{p.alpha:g} {p.expected_flops / 1e6:.2f} MFLOPs, worst task "
+                                f"{100 * min(p.gap.values()):+.2f} pt" for p in run.start) + ")")
+            pruner = _Pruner(config, seed, chosen.train, data.calib, label_map, calib_reference, progress)
+            run.methods[method] = _merged(method, chosen.network, pruner, config.tolerance, data.test, label_map)
+            _sharing(run, chosen.network, run.methods[method].network)
         else:
-            if method == "pam":
-                layers = organise_layers(models, example)
-                run.regrouping = regroup(layers, data.calib.images[:n], labels, alpha=config.alpha,
-                                         relative=config.relative_alpha, variant=config.regroup_variant, progress=progress)
-                merged = merge(models, example, run.regrouping.grouping, layers=layers)
-            else:
-                merged = mtz_merge(models, example, data.calib.images[:config.mtz_samples], train_loader=train, loss_fn=loss,
-                                   finetune_steps=config.mtz_finetune_steps, lr=config.finetune_lr, seed=seed,
-                                   progress=progress)
+            merged = mtz_merge(models, example, data.calib.images[:config.mtz_samples], train_loader=train, loss_fn=loss,
+                               finetune_steps=config.mtz_finetune_steps, lr=config.finetune_lr, seed=seed,
+                               progress=progress)
             finetune(merged, train, loss, epochs=config.finetune_epochs, lr=config.finetune_lr, seed=seed,
                      schedule=config.finetune_schedule, progress=progress)
+            pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
             run.methods[method] = _merged(method, merged, pruner, config.tolerance, data.test, label_map)
-            if method == "pam":
-                _sharing(run, merged, run.methods[method].network)
         run.methods[method].seconds = time.perf_counter() - start
         log(f"          {run.methods[method].seconds:.0f} s; " + ", ".join(
             f"{'&'.join(tasks.ordered_names(c))} {run.methods[method].flops[c] / 1e6:.3f} MFLOPs"
@@ -428,6 +496,9 @@ def _seed_dict(run: SeedRun, search_tolerance: float) -> dict[str, Any]:
         "gain": {m: gains(run, m) for m in run.methods if m != "pam"},
         "matched": {m: r.matched for m, r in run.methods.items()},
         "calib_accuracy": {m: r.calib_accuracy for m, r in run.methods.items()},
+        "alpha": None if run.regrouping is None else run.regrouping.alpha,
+        "alpha_start": [{"alpha": p.alpha, "expected_flops": p.expected_flops, "sharing": p.sharing, "calib_gap": p.gap}
+                        for p in run.start],
         "sharing_ratio": run.sharing_ratio,
         "group_sizes": run.group_sizes,
         "cross_origin_share": run.cross_origin_share,

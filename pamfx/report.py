@@ -108,6 +108,9 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"PAM gain over {base}: average {_pm(gain['average'], digits=2, unit='x', spread=spread)}, "
                      f"peak {_pm(gain['peak'], digits=2, unit='x', spread=spread)} (FLOPs ratio, {n} seed{'s' * (n > 1)})")
     lines += _latency_lines(summary, spread)
+    if isinstance(results["config"]["alpha"], list):
+        lines.append(f"PAM's α, chosen per seed on the calibration split from {results['config']['alpha']}: "
+                     + ", ".join(f"seed {run['seed']}: {run['alpha']:g}" for run in results["seeds"]))
     for base in summary["test_accuracy_gap_pam_minus"]:
         for task in results["tasks"]:
             gaps = [_test_accuracy(run, task, "pam") - _test_accuracy(run, task, base) for run in results["seeds"]]

@@ -3,12 +3,14 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pamfx
 
 from pamfx.cli import load_config, main
 from pamfx.errors import InputError
-from pamfx.experiment import ExperimentConfig, results_dict, run_comparison
+from pamfx.experiment import ExperimentConfig, StartPoint, choose_alpha, results_dict, run_comparison
 from pamfx.report import format_table, write_report
 
 TINY = dict(dataset="tiled-digits", n_train=240, n_calib=120, n_test=120, epochs=1, finetune_epochs=1,
@@ -93,8 +95,10 @@ def test_config_files(tmp_path):
     bad.write_text("alhpa = 0.1\n")
     with pytest.raises(InputError, match="alhpa"):
         load_config(bad)
-    with pytest.raises(InputError, match="alpha"):
-        ExperimentConfig.from_mapping({"alpha": -1})
+    for bad in (-1, [], [0.1, -0.2], [0.1, 0.1], "0.1"):
+        with pytest.raises(InputError, match="alpha"):
+            ExperimentConfig.from_mapping({"alpha": bad})
+    assert ExperimentConfig.from_mapping({"alpha": [0.05, 0.3]}).alphas == [0.05, 0.3]
     with pytest.raises(InputError, match="seeds"):
         ExperimentConfig.from_mapping({"seeds": []})
     with pytest.raises(InputError, match="pruner"):
@@ -182,3 +186,34 @@ def test_the_table_flags_a_method_whose_unpruned_network_starts_below_the_tolera
     lines = [line for line in format_table(results).splitlines() if "before any pruning" in line]
     assert len(lines) == 1 and lines[0].startswith("note: pam:")
     assert f"seed {seed['seed']}: digits_5_9 {-200 * tolerance:+.2f}" in lines[0] and "digits_0_4" not in lines[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(1e3, 1e7), st.floats(-0.05, 0.05), st.floats(-0.05, 0.05)), min_size=1, max_size=6),
+       st.floats(0, 0.03))
+def test_alpha_is_the_cheapest_matchable_start_else_the_least_deficient(starts, tolerance):
+    points = [StartPoint(alpha=i / 10, expected_flops=f, sharing={}, gap={"A": a, "B": b}, network=None, train=None)
+              for i, (f, a, b) in enumerate(starts)]
+    chosen = choose_alpha(points, tolerance)
+    matchable = [p for p in points if min(p.gap.values()) >= -tolerance]
+    if matchable:
+        assert chosen in matchable and all(chosen.expected_flops <= p.expected_flops for p in matchable)
+    else:
+        assert all(min(chosen.gap.values()) >= min(p.gap.values()) for p in points)
+
+
+def test_pam_chooses_alpha_per_seed_on_calibration_and_one_alpha_is_the_scalar_run(tmp_path):
+    base = dict(TINY, seeds=[0], methods=["pam"], cache=str(tmp_path), latency=False)
+    runs = run_comparison(ExperimentConfig.from_mapping(dict(base, alpha=[0.05, 0.3])), progress=False, log=lambda *_: None)
+    run = runs[0]
+    assert [p.alpha for p in run.start] == [0.05, 0.3]
+    chosen = choose_alpha(run.start, TINY["tolerance"])
+    assert run.regrouping.alpha == chosen.alpha and run.regrouping.alphas == tuple(a for a in (0.05, 0.3) if a != chosen.alpha)
+    assert run.methods["pam"].trajectories["pam"].checkpoints[0].network is not None
+    results = results_dict(ExperimentConfig.from_mapping(dict(base, alpha=[0.05, 0.3])), runs)
+    assert results["seeds"][0]["alpha"] == chosen.alpha and len(results["seeds"][0]["alpha_start"]) == 2
+    assert f"seed 0: {chosen.alpha:g}" in format_table(results)
+    scalar = run_comparison(ExperimentConfig.from_mapping(dict(base, alpha=chosen.alpha)), progress=False, log=lambda *_: None)
+    single = run_comparison(ExperimentConfig.from_mapping(dict(base, alpha=[chosen.alpha])), progress=False, log=lambda *_: None)
+    assert scalar[0].methods["pam"].flops == single[0].methods["pam"].flops == run.methods["pam"].flops
+    assert scalar[0].methods["pam"].test_accuracy == single[0].methods["pam"].test_accuracy

@@ -311,6 +311,11 @@ def test_regroup_on_networks_equals_regroup_features_on_their_activations(tmp_pa
         assert list(result.groupings[0].masks(name)) == alone.assign(0.0)[0]
     assert regroup(layers, activations, labels, alpha=alpha, progress=False).grouping == result.grouping
     assert result.grouping_at(0.3) == result.groupings[1]
+    first = result.with_alpha_first(0.3)
+    assert (first.alpha, first.grouping) == (0.3, result.groupings[1])
+    assert first.alphas == (alpha, 0.0) and first.groupings == (result.grouping, result.groupings[0])
+    with pytest.raises(InputError, match="not one of"):
+        result.with_alpha_first(0.7)
     assert isinstance(result.grouping_at({"fc1": 0.0, "fc2": 0.1}), Grouping)
     assert (tmp_path / "t.png").exists() is False
     result.plot_trace(str(tmp_path / "t.png"))

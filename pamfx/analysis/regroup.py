@@ -38,7 +38,7 @@ Ties are broken by the lower channel index: there is no randomness anywhere.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from typing import Iterable, Literal, Mapping, Sequence
 
@@ -512,6 +512,16 @@ class RegroupResult:
         level n ≥ 2 whose pool differs at this α.
         """
         return _grouping(self.layers, alpha)
+
+    def with_alpha_first(self, alpha: AlphaSpec) -> "RegroupResult":
+        """The same result with ``alpha``, one of ``alpha`` and ``alphas``, as the main threshold."""
+        order = (self.alpha, *self.alphas)
+        if alpha not in order:
+            raise InputError(f"regroup: alpha {alpha!r} is not one of the result's {list(order)}")
+        i = order.index(alpha)
+        groupings = (self.grouping, *self.groupings)
+        return replace(self, alpha=alpha, grouping=groupings[i], alphas=order[:i] + order[i + 1:],
+                                   groupings=groupings[:i] + groupings[i + 1:])
 
     @property
     def trace(self) -> RegroupTrace:
