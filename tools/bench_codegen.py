@@ -10,15 +10,16 @@ every task combination S, it prints:
 - FLOP x = FLOPs merged / FLOPs(S): the ideal speed-up, where FLOPs merged is what the merged
   GraphModule executes per sample (FlopCounterMode: every channel of every task, masked zeros
   included — the same for every S, since it always runs all tasks);
-- wall time (median over ``--repeats`` runs at ``--batch`` samples, after warm-up, under
+- time (median CPU time of the thread, `pamfx.latency.interleaved_medians`, over ``--repeats`` runs at
+  ``--batch`` samples, after warm-up, under
   ``torch.no_grad``, eval mode, ``torch.set_num_threads(--threads)``) of the merged network, of
   ``pamfx.emit(merged, S, batch=--batch)`` (the default fast form: BatchNorm folded, one tensor per
   layer, calls planned by the calibrated cost model), of the exact form ``pamfx.emit(merged, S,
   fuse="never", fold_batchnorm=False)`` and of the shared-weight runtime's module
   ``pamfx.MultitaskRuntime(merged, batch=--batch).module(S)``; speed-up = t merged / t module, and
   for the fast form also speed-up / FLOP x (the target: ≥ 0.75), its conv / linear calls and the
-  FLOPs it executes. The modules are timed interleaved, run by run, so that load on the machine
-  affects them alike. Outputs are checked against the merged network before timing. The cost
+  FLOPs it executes. The modules are timed interleaved, run by run (order rotated), and on the
+  thread's CPU clock, so that load on the machine affects them alike and little. Outputs are checked against the merged network before timing. The cost
   model's constants (`FusionCostModel.calibrate`) are printed first; the closing summary gives the
   median and worst combination per K, and the fast form's speed-up over the merged network with
   its BatchNorms folded and channels-last too (``pamfx.passes.FoldBatchNormPass``, ``.to(
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pamfx  # noqa: E402
 from pamfx.codegen.emit import fusion_report  # noqa: E402
 from pamfx.codegen.fusion import FusionCostModel  # noqa: E402
+from pamfx.latency import interleaved_medians  # noqa: E402
 from pamfx.passes import FoldBatchNormPass  # noqa: E402
 from pamfx.zoo.models import build_model  # noqa: E402
 
@@ -96,21 +98,6 @@ def dense_ops(gm: fx.GraphModule) -> int:
     )
 
 
-def median_seconds(modules: dict[str, Callable], x: torch.Tensor, repeats: int, warmup: int) -> dict[str, float]:
-    """Median wall time of one forward of each module, the modules timed in turn, run by run."""
-    samples: dict[str, list[float]] = {name: [] for name in modules}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for module in modules.values():
-                module(x)
-        for _ in range(repeats):
-            for name, module in modules.items():
-                start = time.perf_counter()
-                module(x)
-                samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def check_outputs(merged: fx.GraphModule, modules: dict[str, Callable], x: torch.Tensor, tasks: list[str]) -> None:
     with torch.no_grad():
         reference = merged(x)
@@ -151,7 +138,9 @@ def bench(k: int, args: argparse.Namespace) -> dict[str, list[float]]:
             "runtime": runtime.module(combo),
         }
         check_outputs(merged, {n: m for n, m in modules.items() if n not in ("merged", "folded")}, x, names)
-        t = median_seconds(modules, x, args.repeats, args.warmup)
+        with torch.no_grad():
+            t = interleaved_medians({name: (lambda m: lambda: m(x))(m) for name, m in modules.items()},
+                                    args.repeats, args.warmup, clock=time.thread_time)
         flops = pamfx.cost(merged, combo).flops
         row = {name: t["merged"] / t[name] for name in ("fast", "exact", "runtime")} | {"flops": dense / flops}
         row["ratio"] = row["fast"] / row["flops"]
