@@ -95,6 +95,7 @@ class ExperimentConfig:
     vib_kl_growth: float = 1.5
     vib_lr: float = 3e-3
     vib_alternate: bool = True
+    vib_checkpoints: int = 1
     cache: str | None = None
     latency: bool = True
     latency_backends: list[str] = field(default_factory=lambda: ["torch", "onnxruntime"])
@@ -136,8 +137,8 @@ class ExperimentConfig:
             (self.pruner in PRUNERS, f"'pruner' must be one of {PRUNERS}, got {self.pruner!r}"),
             (isinstance(self.seeds, list) and len(self.seeds) > 0 and all(isinstance(s, int) and s >= 0 for s in self.seeds),
              f"'seeds' must be a non-empty list of non-negative ints, got {self.seeds!r}"),
-            (self.vib_kl >= 0 and self.vib_epochs >= 1 and self.vib_kl_growth >= 1,
-             "'vib_kl' must be >= 0, 'vib_kl_growth' >= 1 and 'vib_epochs' >= 1"),
+            (self.vib_kl >= 0 and self.vib_epochs >= 1 and self.vib_kl_growth >= 1 and self.vib_checkpoints >= 1,
+             "'vib_kl' must be >= 0, 'vib_kl_growth' >= 1, 'vib_epochs' >= 1 and 'vib_checkpoints' >= 1"),
             (isinstance(self.methods, list) and "pam" in self.methods and set(self.methods) <= set(METHODS)
              and len(set(self.methods)) == len(self.methods),
              f"'methods' must list distinct methods of {METHODS}, 'pam' among them, got {self.methods!r}"),
@@ -235,7 +236,7 @@ class _Pruner:
         else:
             trajectory = prune_vib(network, self.train, loss, evaluate, search_tolerance=c.search_tolerance,
                                    epochs=c.vib_epochs, kl_weight=c.vib_kl, kl_growth=c.vib_kl_growth,
-                                   patience=c.prune_patience,
+                                   patience=c.prune_patience, checkpoints=c.vib_checkpoints,
                                    gate_lr=c.vib_lr, alternate=c.vib_alternate, lr=c.finetune_lr, **common)
         if c.recover_candidates:
             recover(trajectory, self.train, loss, evaluate, tolerance=c.tolerance, candidates=c.recover_candidates,

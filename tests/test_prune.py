@@ -311,6 +311,24 @@ def test_vib_pruning_records_a_trajectory_and_keeps_emit_equivalence(k):
     assert_emit_equivalent(pruned)
 
 
+def test_vib_checkpoints_within_epochs_and_patience_counts_epochs():
+    network = merged_network("lenet5")
+    view = pamfx.read_multitask(network)
+    loader, label_map = synthetic_task_data(2)
+    loss = multilabel_loss({t: label_map[t] for t in view.tasks})
+    common = dict(reference={t: 0.5 for t in view.tasks}, weights=combination_weights(view.tasks), search_tolerance=0.0,
+                  epochs=2, kl_weight=1.0, gate_lr=0.2, progress=False)
+    fine = prune_vib(network, loader, loss, lambda net: {t: 0.5 for t in view.tasks}, checkpoints=3, **common)
+    assert [p.round for p in fine.checkpoints] == list(range(7)) and all(p.accepted for p in fine.checkpoints)
+    for point in fine.checkpoints:
+        assert_emit_equivalent(point.network)
+    scores = iter([{t: 0.5 for t in view.tasks}] + [{t: 0.4 for t in view.tasks}] * 6)  # every pruned one fails
+    stopped = prune_vib(network, loader, loss, lambda net: next(scores), checkpoints=3, patience=1, **common)
+    assert [p.round for p in stopped.checkpoints] == [0, 1, 2, 3] and not any(p.accepted for p in stopped.checkpoints[1:])
+    with pytest.raises(InputError, match="checkpoints"):
+        prune_vib(network, loader, loss, lambda net: {}, checkpoints=0, **common)
+
+
 @pytest.mark.parametrize("recoverable", [0, 2, 5, 6])
 def test_recovery_bisects_for_the_cheapest_checkpoint_that_comes_back(recoverable):
     single = as_multitask(two_output_models("lenet5", 2)["A"], example_input(), "A")

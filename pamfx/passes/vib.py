@@ -167,22 +167,31 @@ def prune_vib(
     gate_lr: float = 1e-2,
     alternate: bool = True,
     patience: int = 3,
+    checkpoints: int = 1,
     seed: int = 0,
     progress: bool = True,
 ) -> Trajectory:
-    """P1 on a merged (or one-task) network; returns the trajectory (one checkpoint per epoch).
+    """P1 on a merged (or one-task) network; returns the trajectory (``checkpoints`` per epoch).
 
     With ``alternate`` (the paper's schedule) the second half of the epochs alternates per task;
     otherwise every epoch is joint. The KL weight starts at ``kl_weight`` and grows by ``kl_growth`` per epoch (KL annealing): the
     gates of a constant weight cross the threshold almost together, within an epoch, which leaves
     no trajectory to select from; a growing weight prunes a few more channels every epoch.
-    ``gm`` itself is not modified. An epoch whose network leaves a task more than
+    ``checkpoints`` > 1 splits every epoch into that many equal runs of minibatches, each followed
+    by a checkpoint, with the KL weight grown by ``kl_growth ** (1 / checkpoints)`` after each: the
+    same schedule, sampled finer where a merged network's gates close within one epoch.
+    ``gm`` itself is not modified. A checkpoint whose network leaves a task more than
     ``search_tolerance`` below its reference is recorded as rejected; training stops after
-    ``patience`` rejected epochs in a row.
+    ``patience`` epochs' worth of rejected checkpoints in a row.
     """
-    if epochs < 1 or kl_weight < 0 or kl_growth < 1 or patience < 1:
-        raise InputError(f"need epochs >= 1, kl_weight >= 0, kl_growth >= 1 and patience >= 1, "
-                         f"got {epochs}, {kl_weight}, {kl_growth}, {patience}")
+    if epochs < 1 or kl_weight < 0 or kl_growth < 1 or patience < 1 or checkpoints < 1:
+        raise InputError(f"need epochs >= 1, kl_weight >= 0, kl_growth >= 1, patience >= 1 and checkpoints >= 1, "
+                         f"got {epochs}, {kl_weight}, {kl_growth}, {patience}, {checkpoints}")
+    steps = None
+    if checkpoints > 1:
+        if not hasattr(train_loader, "__len__"):
+            raise InputError("prune_vib: checkpoints > 1 needs a training loader with a length (a DataLoader)")
+        steps = -(-len(train_loader) // checkpoints)
     net = copy.deepcopy(gm)
     view = read_multitask(net)
     layers = gateable_layers(view)
@@ -202,16 +211,17 @@ def prune_vib(
     trajectory.record(0, gm, evaluate(gm), accepted=True)
     gate_params = [p for g in gates.values() for p in g.parameters()]
     failures = 0
-    for epoch in range(1, epochs + 1):
-        finetune(net, train_loader, loss_fn, epochs=1, lr=lr, recalibrate_bn=False, seed=seed + epoch,
+    for step in range(1, epochs * checkpoints + 1):
+        epoch = -(-step // checkpoints)
+        finetune(net, train_loader, loss_fn, epochs=1, max_steps=steps, lr=lr, recalibrate_bn=False, seed=seed + step,
                  progress=progress, module=gated, penalty=penalty, extra_params=gate_params, extra_lr=gate_lr,
                  alternate=alternate and len(view.tasks) > 1 and epoch > epochs // 2)
         candidate = fold_and_prune(net, gates)
         accuracy = evaluate(candidate)
         ok = all(accuracy[t] >= reference[t] - search_tolerance for t in accuracy)
-        trajectory.record(epoch, candidate, accuracy, accepted=ok)
-        weight[0] *= kl_growth
+        trajectory.record(step, candidate, accuracy, accepted=ok)
+        weight[0] *= kl_growth ** (1 / checkpoints)
         failures = 0 if ok else failures + 1
-        if failures >= patience:
+        if failures >= patience * checkpoints:
             break
     return trajectory
