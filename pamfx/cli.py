@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--seeds", type=int, nargs="+", help="override the plan's seeds")
     cmd.add_argument("--out", type=Path, default=Path("pamfx-reproduction"), help="output folder (default: pamfx-reproduction)")
     cmd.add_argument("--force", action="store_true", help="rerun runs whose results.json already holds the same config")
-    cmd.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    cmd.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
+    cmd.add_argument("--jobs", type=int, default=1, help="runs at once, in worker processes (default 1)")
     cmd.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -103,7 +104,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         plan = dataclasses.replace(plan, seeds=list(args.seeds))
     plan.validate()
     command = "pamfx reproduce" + " --quick" * args.quick + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
-    path = reproduce(args.out, plan, force=args.force, progress=not args.no_progress, command=command)
+    path = reproduce(args.out, plan, force=args.force, progress=not args.no_progress, command=command, jobs=args.jobs)
     print(f"written: {path}")
     return 0
 

@@ -95,7 +95,7 @@ class ExperimentConfig:
     vib_kl_growth: float = 1.5
     vib_lr: float = 3e-3
     vib_alternate: bool = True
-    vib_checkpoints: int = 1
+    vib_checkpoints: int = 4
     cache: str | None = None
     latency: bool = True
     latency_backends: list[str] = field(default_factory=lambda: ["torch", "onnxruntime"])

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pamfx.cli import main
 from pamfx.data import inclusion_split, load_dataset, overlap_split
 from pamfx.errors import InputError
-from pamfx.reproduce import FULL, PAPER_TABLE_4_2, QUICK, ReproductionPlan, _gains_over, label_relatedness, reproduce
+from pamfx.reproduce import FULL, PAPER_TABLE_4_2, QUICK, ReproductionPlan, _gains_over, _spread, label_relatedness, reproduce
 
 TINY_RUN = dict(dataset="tiled-digits", n_train=160, n_calib=120, n_test=80, epochs=1, finetune_epochs=1,
                 prune_rounds=1, prune_finetune_steps=2, prune_step=0.3, importance_batches=1, tolerance=0.05,
@@ -95,6 +95,32 @@ def test_a_second_call_reads_every_run_back(reproduction):
     reproduce(out, TINY, progress=False, log=lines.append)
     assert len([line for line in lines if "read back" in line]) == len(before)
     assert {p: p.read_text() for p in out.glob("*/results.json")} == before
+
+
+@pytest.mark.slow
+def test_parallel_jobs_write_the_same_document(reproduction, capfd):
+    out, path, _ = reproduction
+    before = {p: p.read_text() for p in out.glob("*/results.json")}
+    document = path.read_text().splitlines()
+    lines: list[str] = []
+    reproduce(out, TINY, progress=False, log=lines.append, jobs=2)
+    assert sorted(lines) == sorted(f"{name}: done" for name in (p.parent.name for p in before))
+    assert capfd.readouterr().out.count("read back") == len(before)  # the workers' lines
+    assert {p: p.read_text() for p in out.glob("*/results.json")} == before
+    again = path.read_text().splitlines()
+    assert len(again) == len(document)
+    assert {i for i, (a, b) in enumerate(zip(again, document)) if a != b} <= {2}  # at most the header's wall time
+    with pytest.raises(InputError, match="jobs must be >= 1"):
+        reproduce(out, TINY, jobs=0)
+
+
+def test_runs_sharing_networks_are_spread_apart():
+    configs = {name: TINY.table_config(name) for name in TINY.tables}
+    configs.update({f"alpha-{a}": TINY.ablation_config(alpha=a) for a in TINY.alphas})
+    order = _spread(configs)
+    assert sorted(order) == sorted(configs)
+    # 4.2-P1, 4.2-P2 and the α sweep train the same LeNet-5s; the 5-task and ResNet runs come between
+    assert order[:3] == ["4.2-P1", "4.4-P2", "4.5-P2"] and order[3] == "4.2-P2"
 
 
 def test_relatedness_grows_with_the_overlap():
