@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--force", action="store_true", help="rerun runs whose results.json already holds the same config")
     cmd.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     cmd.add_argument("--jobs", type=int, default=1, help="runs at once, in worker processes (default 1)")
+    cmd.add_argument("--report", action="store_true",
+                     help="run nothing: write REPRODUCTION.md from the runs --out already holds (the rest marked not run)")
     cmd.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -104,7 +106,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         plan = dataclasses.replace(plan, seeds=list(args.seeds))
     plan.validate()
     command = "pamfx reproduce" + " --quick" * args.quick + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
-    path = reproduce(args.out, plan, force=args.force, progress=not args.no_progress, command=command, jobs=args.jobs)
+    path = reproduce(args.out, plan, force=args.force, progress=not args.no_progress, command=command, jobs=args.jobs,
+                     report_only=args.report)
     print(f"written: {path}")
     return 0
 

@@ -72,6 +72,14 @@ PAPER_TABLE_4_4 = {
 PAPER_GAINS = {"baseline1": {"average": (1.07, 1.64), "peak": (1.16, 4.87)},
                "mtz": {"average": (1.51, 1.69), "peak": (1.56, 2.01)}}
 PAPER_TABLES = {"4.2": PAPER_TABLE_4_2, "4.4": PAPER_TABLE_4_4}
+SECTION_TITLES = {
+    "gains": "Fig. 4.5 analogue: average and peak gains",
+    "sharing": "Fig. 4.6 analogue: sharing ratio per layer after pruning",
+    "trace": "Fig. 4.7 analogue: the α trace",
+    "sweep": "Sec. 4.6.3.1 analogue: α sweep, single-task versus joint cost",
+    "relatedness": "Sec. 4.6.3.2 analogue: task relatedness",
+    "inclusion": "Sec. 4.6.3.3 analogue: task inclusion",
+}
 TABLE_TITLES = {
     "4.2": "Table 4.2 analogue: LeNet-5, 2 tasks (paper: LeNet-5 on multi-label Fashion-MNIST)",
     "4.4": "Table 4.4 analogue: VGG-style network, 5 tasks (paper: VGG-16 on LFW, 5 tasks)",
@@ -153,6 +161,15 @@ QUICK = ReproductionPlan(
 )
 
 
+def saved_results(folder: Path, config: ExperimentConfig) -> Results | None:
+    """The results ``folder`` holds for exactly ``config``, or None (no results.json, or another config's)."""
+    target = Path(folder) / "results.json"
+    if not target.exists():
+        return None
+    saved = json.loads(target.read_text())
+    return saved if saved["config"] == json.loads(json.dumps(dataclasses.asdict(config))) else None
+
+
 def run_into(folder: Path, config: ExperimentConfig, *, force: bool = False, progress: bool = True,
              log: Callable[[str], None] = print) -> Results:
     """The comparison of ``config`` with its report (results.json, table.txt, plots) in ``folder``.
@@ -161,11 +178,10 @@ def run_into(folder: Path, config: ExperimentConfig, *, force: bool = False, pro
     (``force`` reruns). Used by `reproduce` and by tools/bench_gain.py.
     """
     target = Path(folder) / "results.json"
-    if target.exists() and not force:
-        saved = json.loads(target.read_text())
-        if saved["config"] == json.loads(json.dumps(dataclasses.asdict(config))):
-            log(f"read back from {target}")
-            return saved
+    saved = None if force else saved_results(folder, config)
+    if saved is not None:
+        log(f"read back from {target}")
+        return saved
     started = time.perf_counter()
     runs = run_comparison(config, progress=progress, log=log)
     results = results_dict(config, runs)
@@ -398,7 +414,7 @@ def _gains_section(tables: Mapping[str, Results]) -> list[str]:
         rows.append([name] + [_pm(gains[b][k]) if b in gains else "—" for b in ("baseline1", "mtz") for k in ("average", "peak")])
     paper = [f"{lo:.2f}–{hi:.2f}" for b in ("baseline1", "mtz") for lo, hi in PAPER_GAINS[b].values()]
     rows.append(["paper (range over its settings)"] + paper)
-    lines = ["## Fig. 4.5 analogue: average and peak gains", "",
+    lines = [f"## {SECTION_TITLES['gains']}", "",
              "Gain = FLOPs of the baseline / FLOPs of PAM per task combination; average and peak over the "
              "combinations (Sec. 4.6.1), per seed, then mean ± std over the seeds.", ""]
     lines += _md(["setting", "avg over B1", "peak over B1", "avg over B2", "peak over B2"], rows)
@@ -418,7 +434,7 @@ def _sharing_section(tables: Mapping[str, Results]) -> list[str]:
              _pm(r["summary"]["gain"]["baseline1"]["average"]) if "baseline1" in r["summary"]["gain"] else "—",
              _pm(r["summary"]["gain"]["mtz"]["average"]) if "mtz" in r["summary"]["gain"] else "—"]
             for name, r in tables.items()]
-    lines = ["## Fig. 4.6 analogue: sharing ratio per layer after pruning", "",
+    lines = [f"## {SECTION_TITLES['sharing']}", "",
              "Share of a layer's channels used by every task (PAM), after merging and after pruning; the "
              "paper expects more sharing to go with more gain over B1 and less gain over B2.", ""]
     lines += _md(["setting", "mean sharing merged (%)", "mean sharing pruned (%)", "avg gain over B1", "avg gain over B2"], rows)
@@ -426,7 +442,7 @@ def _sharing_section(tables: Mapping[str, Results]) -> list[str]:
 
 
 def _trace_section(tables: Mapping[str, Results]) -> list[str]:
-    lines = ["## Fig. 4.7 analogue: the α trace", "",
+    lines = [f"## {SECTION_TITLES['trace']}", "",
              "I(L'^A; Y^B) and I(L'^B; Y^A) against the greedy's iterations (Alg. 4), per layer, first seed, "
              "up to the α the run used (dotted).", ""]
     for name in tables:
@@ -436,15 +452,19 @@ def _trace_section(tables: Mapping[str, Results]) -> list[str]:
     return lines
 
 
+def _has_baseline1(results: Results) -> bool:
+    return "baseline1" in results["summary"]["combinations"][0]["flops"]
+
+
 def _sweep_section(sweep: Mapping[float, Results], baseline: Results | None, alpha: float) -> list[str]:
     first = next(iter(sweep.values()))
     letters = _letters(first)
     combos = [_combo_label(c["tasks"], letters) for c in first["summary"]["combinations"]]
     rows = [[f"{alpha:g}", _pm(_mean_sharing(r, "merged"), 100, 1), _pm(_mean_sharing(r, "pruned"), 100, 1)]
             + [_pm(c["flops"]["pam"], 1e-6, 3) for c in r["summary"]["combinations"]]
-            + [_pm(_gains_over(r, baseline or r)["average"])]
+            + [_pm(_gains_over(r, baseline or r)["average"]) if _has_baseline1(baseline or r) else "—"]
             for alpha, r in sweep.items()]
-    lines = ["## Sec. 4.6.3.1 analogue: α sweep, single-task versus joint cost", "",
+    lines = [f"## {SECTION_TITLES['sweep']}", "",
              f"PAM with the ablation setting ({first['config']['model']}, {first['config']['pruner']}) for each α; "
              "larger α gives each task more exclusive channels (cheaper single tasks) and fewer shared ones "
              "(dearer joint execution). Each α is selected on the calibration split like every other run; "
@@ -452,10 +472,13 @@ def _sweep_section(sweep: Mapping[float, Results], baseline: Results | None, alp
     lines += _md(["α", "sharing merged (%)", "sharing pruned (%)"] + [f"MFLOPs {c}" for c in combos] + ["avg gain over B1"],
                  rows)
     reference = baseline or first
-    b1 = [_pm(c["flops"]["baseline1"], 1e-6, 3) for c in reference["summary"]["combinations"]]
-    source = f"the {SWEEP_BASELINE} run" if baseline is not None else "each run"
-    lines += [f"Baseline 1 of the same networks ({source}): "
-              + ", ".join(f"{c} {v}" for c, v in zip(combos, b1)) + " MFLOPs.", ""]
+    if _has_baseline1(reference):
+        b1 = [_pm(c["flops"]["baseline1"], 1e-6, 3) for c in reference["summary"]["combinations"]]
+        source = f"the {SWEEP_BASELINE} run" if baseline is not None else "each run"
+        lines += [f"Baseline 1 of the same networks ({source}): "
+                  + ", ".join(f"{c} {v}" for c, v in zip(combos, b1)) + " MFLOPs.", ""]
+    else:
+        lines += [f"Baseline 1 of the same networks comes from the {SWEEP_BASELINE} run, which has not run yet.", ""]
     return lines + ["![α sweep](sec4_6_3_1_alpha_sweep.png)", ""]
 
 
@@ -463,7 +486,7 @@ def _relatedness_section(study: Mapping[int, Results], bits: Mapping[int, float]
     rows = [[str(o), f"{bits[o]:.3f}", ", ".join(r["tasks"]), _pm(_mean_sharing(r, "merged"), 100, 1),
              _pm(_mean_sharing(r, "pruned"), 100, 1), _gain_text(r["summary"]["gain"]["baseline1"])]
             for o, r in study.items()]
-    lines = ["## Sec. 4.6.3.2 analogue: task relatedness", "",
+    lines = [f"## {SECTION_TITLES['relatedness']}", "",
              "Two tasks of the same number of labels sharing more and more of them (`pamfx.data.overlap_split`); "
              "relatedness is I(Y^A; Y^B) on the training labels (first seed). The paper: more related tasks "
              "share more neurons.", ""]
@@ -482,7 +505,7 @@ def _relatedness_section(study: Mapping[int, Results], bits: Mapping[int, float]
 
 def _inclusion_section(results: Results) -> list[str]:
     a, b = results["tasks"]
-    lines = ["## Sec. 4.6.3.3 analogue: task inclusion", "",
+    lines = [f"## {SECTION_TITLES['inclusion']}", "",
              f"Task B = {b} has a subset of the labels of task A = {a} (`pamfx.data.inclusion_split`). "
              "The paper expects almost no B-exclusive neurons. Channels per group (mean ± std over seeds):", ""]
     rows, totals = [], {"merged": [0.0, 0.0], "pruned": [0.0, 0.0]}
@@ -502,20 +525,32 @@ def _inclusion_section(results: Results) -> list[str]:
     return lines + [f"- PAM over B1: {_gain_text(results['summary']['gain']['baseline1'])}", ""]
 
 
-def _header(plan: ReproductionPlan, command: str, walls: Mapping[str, float], total: float) -> list[str]:
+def _header(plan: ReproductionPlan, command: str, walls: Mapping[str, float], total: float,
+            missing: list[str]) -> list[str]:
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
     lines = ["# Reproduction of Sec. 4.6 (Pruning-Aware Merging)", "",
-             f"Written by `{command}` (plan `{plan.name}`, seeds {plan.seeds}) in {total / 60:.1f} min on {machine}.", "",
+             f"Written by `{command}` (plan `{plan.name}`, seeds {plan.seeds}) in {total / 60:.1f} min on {machine}; "
+             f"the runs took {sum(walls.values()) / 3600:.1f} h together (wall time of each run below).", "",
              "Protocol: every method (B1: each single-task network pruned on its own; B2: MTZ merge; PAM) is "
              "fine-tuned alike and pruned by the same pruner; each method's network is its cheapest checkpoint "
              "whose every task keeps its calibration accuracy within the tolerance of the unpruned single-task "
-             "network; only that checkpoint is evaluated on the test split. α and the tolerance are fixed by the "
-             "plan beforehand; nothing is chosen on test data. FLOPs are 2 × multiply-accumulates of conv and "
+             "network; only that checkpoint is evaluated on the test split. PAM's α is chosen per seed on the "
+             "calibration split from the plan's candidates (the table runs) or fixed by the plan (the ablations), "
+             "the tolerance is fixed; nothing is chosen on test data. FLOPs are 2 × multiply-accumulates of conv and "
              "linear layers per sample. The data are tiled digits (four digits per image, one binary label per "
              "digit class), the models small LeNet-5 / VGG / ResNet-style networks, so absolute FLOPs and "
              "accuracies differ from the paper's; the gains (ratios) are what compare.", ""]
     lines += _md(["run", "wall time (min)"], [[n, f"{s / 60:.1f}"] for n, s in walls.items()])
+    if missing:
+        lines += [f"**Partial: {len(missing)} of {len(walls) + len(missing)} runs have not finished** "
+                  f"({', '.join(missing)}); their sections say so. `pamfx reproduce --out` on this folder runs "
+                  "them and reads the finished ones back.", ""]
     return lines
+
+
+def _pending(title: str, names: list[str]) -> list[str]:
+    """A section whose runs have not finished (``reproduce(..., report_only=True)``)."""
+    return [f"## {title}", "", f"Not run yet: {', '.join(names)}.", ""]
 
 
 def _run_job(folder: Path, config: ExperimentConfig, force: bool, name: str, threads: int) -> Results:
@@ -536,11 +571,14 @@ def _spread(configs: Mapping[str, ExperimentConfig]) -> list[str]:
 
 
 def reproduce(out: str | Path, plan: ReproductionPlan = FULL, *, force: bool = False, progress: bool = True,
-              log: Callable[[str], None] = print, command: str = "pamfx reproduce", jobs: int = 1) -> Path:
+              log: Callable[[str], None] = print, command: str = "pamfx reproduce", jobs: int = 1,
+              report_only: bool = False) -> Path:
     """Run every section of ``plan`` and write ``out/REPRODUCTION.md`` with its plots; returns its path.
 
     ``jobs > 1`` runs that many runs at once in worker processes (each with this process's torch thread
-    count, no progress bars); the runs are independent, so the document is the same.
+    count, no progress bars); the runs are independent, so the document is the same. ``report_only``
+    runs nothing: the document is written from the runs ``out`` already holds, and the sections of the
+    others say that they have not run yet.
     """
     if jobs < 1:
         raise InputError(f"jobs must be >= 1, got {jobs}")
@@ -558,7 +596,9 @@ def reproduce(out: str | Path, plan: ReproductionPlan = FULL, *, force: bool = F
                     for name, labels in labelled.items()})
 
     results: dict[str, Results] = {}
-    if jobs == 1:
+    if report_only:
+        results = {name: r for name, config in configs.items() if (r := saved_results(out / name, config)) is not None}
+    elif jobs == 1:
         for name, config in configs.items():
             results[name] = run_into(out / name, config, force=force, progress=progress,
                                      log=lambda line, name=name: log(f"{name}: {line}"))
@@ -570,24 +610,37 @@ def reproduce(out: str | Path, plan: ReproductionPlan = FULL, *, force: bool = F
             for name in configs:
                 results[name] = futures[name].result()
                 log(f"{name}: done")
-    tables = {setting: results[setting] for setting in plan.tables}
-    baseline = tables[SWEEP_BASELINE] if same else None
-    sweep = {alpha: results[f"alpha-{alpha:g}"] for alpha in plan.alphas}
-    study = {o: results[f"overlap-{o}"] for o in plan.overlaps}
-    inclusion = results["inclusion"]
+    missing = [name for name in configs if name not in results]
+    tables = {setting: results[setting] for setting in plan.tables if setting in results}
+    baseline = tables.get(SWEEP_BASELINE) if same else None
+    sweep = {alpha: results[f"alpha-{alpha:g}"] for alpha in plan.alphas if f"alpha-{alpha:g}" in results}
+    study = {o: results[f"overlap-{o}"] for o in plan.overlaps if f"overlap-{o}" in results}
     common = plan.ablation_config()
-    bits = {o: label_relatedness(common.dataset, plan.seeds[0], labels, common.n_train) for o, labels in splits.items()}
+    bits = {o: label_relatedness(common.dataset, plan.seeds[0], splits[o], common.n_train) for o in study}
 
-    plot_gains(tables, out / "fig4_5_gains.png")
-    plot_sharing_layers(tables, out / "fig4_6_sharing.png")
-    plot_sweep(sweep, out / "sec4_6_3_1_alpha_sweep.png")
-    plot_relatedness(study, bits, out / "sec4_6_3_2_relatedness.png")
     walls = {name: r["wall_seconds"] for name, r in results.items()}
-    lines = _header(plan, command, walls, time.perf_counter() - started)
+    lines = _header(plan, command, walls, time.perf_counter() - started, missing)
     for table in TABLE_TITLES:
-        lines += _table_section(table, {s: r for s, r in tables.items() if s.startswith(table)})
-    lines += _gains_section(tables) + _sharing_section(tables) + _trace_section(tables)
-    lines += _sweep_section(sweep, baseline, common.alpha) + _relatedness_section(study, bits) + _inclusion_section(inclusion)
+        settings = {s: r for s, r in tables.items() if s.startswith(table)}
+        pending = [s for s in plan.tables if s.startswith(table) and s in missing]
+        lines += _table_section(table, settings) if settings else _pending(TABLE_TITLES[table], pending)
+    if tables:
+        plot_gains(tables, out / "fig4_5_gains.png")
+        plot_sharing_layers(tables, out / "fig4_6_sharing.png")
+        lines += _gains_section(tables) + _sharing_section(tables) + _trace_section(tables)
+    else:
+        lines += [line for key in ("gains", "sharing", "trace") for line in _pending(SECTION_TITLES[key], list(plan.tables))]
+    if sweep:
+        plot_sweep(sweep, out / "sec4_6_3_1_alpha_sweep.png")
+        lines += _sweep_section(sweep, baseline, common.alpha)
+    else:
+        lines += _pending(SECTION_TITLES["sweep"], [f"alpha-{a:g}" for a in plan.alphas])
+    if study:
+        plot_relatedness(study, bits, out / "sec4_6_3_2_relatedness.png")
+        lines += _relatedness_section(study, bits)
+    else:
+        lines += _pending(SECTION_TITLES["relatedness"], [f"overlap-{o}" for o in plan.overlaps])
+    lines += _inclusion_section(results["inclusion"]) if "inclusion" in results else _pending(SECTION_TITLES["inclusion"], ["inclusion"])
     target = out / "REPRODUCTION.md"
     with atomic_path(target) as tmp:
         tmp.write_text("\n".join(lines))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -112,6 +113,31 @@ def test_parallel_jobs_write_the_same_document(reproduction, capfd):
     assert {i for i, (a, b) in enumerate(zip(again, document)) if a != b} <= {2}  # at most the header's wall time
     with pytest.raises(InputError, match="jobs must be >= 1"):
         reproduce(out, TINY, jobs=0)
+
+
+@pytest.mark.slow
+def test_a_partial_reproduction_reports_what_has_run(reproduction, tmp_path):
+    out, path, _ = reproduction
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    gone = ["4.2-P2", "overlap-0", "overlap-5", "inclusion"]
+    for name in gone:
+        shutil.rmtree(partial / name)
+    before = {p: p.read_text() for p in partial.glob("*/results.json")}
+    lines: list[str] = []
+    document = reproduce(partial, TINY, progress=False, log=lines.append, report_only=True).read_text()
+    assert lines == [] and {p: p.read_text() for p in partial.glob("*/results.json")} == before  # nothing ran
+    assert not (partial / "4.2-P2").exists()
+    total = len(list(out.glob("*/results.json")))
+    assert f"Partial: {len(gone)} of {total} runs have not finished" in document
+    assert all(f"## {s}" in document for s in SECTIONS)
+    assert "Not run yet: overlap-0, overlap-5." in document and "Not run yet: inclusion." in document
+    table_4_2 = document.split("## Table 4.2 analogue")[1].split("## Table 4.4 analogue")[0]
+    assert "### P1 (vib)" in table_4_2 and "### P2" not in table_4_2  # 4.2-P2's rows are absent
+    assert "comes from the 4.2-P2 run, which has not run yet" in document  # the sweep's baseline 1
+    assert document.count("Not run yet") == 2
+    empty = reproduce(tmp_path / "empty", TINY, report_only=True).read_text()
+    assert empty.count("Not run yet") == len(SECTIONS)
 
 
 def test_runs_sharing_networks_are_spread_apart():
