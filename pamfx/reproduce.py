@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import platform
 import statistics
-import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -588,9 +588,11 @@ def reproduce(out: str | Path, plan: ReproductionPlan = FULL, *, force: bool = F
     configs: dict[str, ExperimentConfig] = {setting: plan.table_config(setting) for setting in plan.tables}
     same = SWEEP_BASELINE in plan.tables and _same_networks(plan.table_config(SWEEP_BASELINE), plan.ablation_config())
     methods = ["pam"] if same else ["baseline1", "pam"]
-    configs.update({f"alpha-{alpha:g}": plan.ablation_config(alpha=alpha, methods=methods) for alpha in plan.alphas})
+    sweep_runs = {alpha: f"alpha-{alpha:g}" for alpha in plan.alphas}
+    study_runs = {o: f"overlap-{o}" for o in plan.overlaps}
+    configs.update({name: plan.ablation_config(alpha=alpha, methods=methods) for alpha, name in sweep_runs.items()})
     splits = {o: overlap_split(plan.task_size, o) for o in plan.overlaps}
-    labelled = {f"overlap-{o}": labels for o, labels in splits.items()}
+    labelled = {study_runs[o]: labels for o, labels in splits.items()}
     labelled["inclusion"] = inclusion_split(*plan.inclusion)
     configs.update({name: dataclasses.replace(plan.ablation_config(), labels={t: list(v) for t, v in labels.items()})
                     for name, labels in labelled.items()})
@@ -613,8 +615,8 @@ def reproduce(out: str | Path, plan: ReproductionPlan = FULL, *, force: bool = F
     missing = [name for name in configs if name not in results]
     tables = {setting: results[setting] for setting in plan.tables if setting in results}
     baseline = tables.get(SWEEP_BASELINE) if same else None
-    sweep = {alpha: results[f"alpha-{alpha:g}"] for alpha in plan.alphas if f"alpha-{alpha:g}" in results}
-    study = {o: results[f"overlap-{o}"] for o in plan.overlaps if f"overlap-{o}" in results}
+    sweep = {alpha: results[name] for alpha, name in sweep_runs.items() if name in results}
+    study = {o: results[name] for o, name in study_runs.items() if name in results}
     common = plan.ablation_config()
     bits = {o: label_relatedness(common.dataset, plan.seeds[0], splits[o], common.n_train) for o in study}
 
@@ -634,12 +636,12 @@ def reproduce(out: str | Path, plan: ReproductionPlan = FULL, *, force: bool = F
         plot_sweep(sweep, out / "sec4_6_3_1_alpha_sweep.png")
         lines += _sweep_section(sweep, baseline, common.alpha)
     else:
-        lines += _pending(SECTION_TITLES["sweep"], [f"alpha-{a:g}" for a in plan.alphas])
+        lines += _pending(SECTION_TITLES["sweep"], list(sweep_runs.values()))
     if study:
         plot_relatedness(study, bits, out / "sec4_6_3_2_relatedness.png")
         lines += _relatedness_section(study, bits)
     else:
-        lines += _pending(SECTION_TITLES["relatedness"], [f"overlap-{o}" for o in plan.overlaps])
+        lines += _pending(SECTION_TITLES["relatedness"], list(study_runs.values()))
     lines += _inclusion_section(results["inclusion"]) if "inclusion" in results else _pending(SECTION_TITLES["inclusion"], ["inclusion"])
     target = out / "REPRODUCTION.md"
     with atomic_path(target) as tmp:
