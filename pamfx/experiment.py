@@ -35,7 +35,7 @@ from pamfx.analysis.regroup import RegroupResult, regroup
 from pamfx.data import TiledDigits, load_dataset, task_split
 from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet, TaskSpace
-from pamfx.latency import Latency, add_latency, check_backends, measure_latency
+from pamfx.latency import Latency, check_backends, measure_latency, seed_latency, summarise_latency
 from pamfx.passes.finetune import SCHEDULES, finetune, multilabel_loss
 from pamfx.passes.merge import as_multitask, merge
 from pamfx.passes.mtz import mtz_merge
@@ -513,27 +513,38 @@ def _seed_dict(run: SeedRun, search_tolerance: float) -> dict[str, Any]:
     }
 
 
-def results_dict(config: ExperimentConfig, runs: list[SeedRun]) -> dict[str, Any]:
-    """JSON-ready results: per-seed details and a ``summary`` of means ± std over the seeds."""
-    seeds = [_seed_dict(r, config.search_tolerance) for r in runs]
-    tasks = runs[0].tasks
-    methods = list(runs[0].methods)
+def seed_results(config: ExperimentConfig, run: SeedRun) -> dict[str, Any]:
+    """One seed's JSON-ready results, latency included when measured (`results_from_seeds` assembles them)."""
+    seed = _seed_dict(run, config.search_tolerance)
+    return seed_latency(seed, run.latency, run.tasks) if run.latency else seed
+
+
+def _test_accuracy(seed: Mapping[str, Any], method: str, task: str) -> float:
+    return next(c for c in seed["combinations"] if c["tasks"] == [task])["accuracy"][method][task]
+
+
+def results_from_seeds(config: ExperimentConfig, seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """JSON-ready results of ``config`` from its seeds' `seed_results` (one per seed of ``config``, in
+    order): the per-seed details and a ``summary`` of means ± std over the seeds."""
+    if [s["seed"] for s in seeds] != list(config.seeds):
+        raise InputError(f"results_from_seeds: results of seeds {[s['seed'] for s in seeds]} for a config of seeds {config.seeds}")
+    tasks = list(task_labels(config))
+    methods = list(seeds[0]["combinations"][0]["flops"])
     summary_combos = []
-    for i, c in enumerate(tasks.combinations()):
-        names = tasks.ordered_names(c)
+    for i, entry in enumerate(seeds[0]["combinations"]):
         summary_combos.append({
-            "tasks": names,
+            "tasks": entry["tasks"],
             "flops": {m: _mean_std([s["combinations"][i]["flops"][m] for s in seeds]) for m in methods},
             "accuracy": {m: _mean_std([statistics.fmean(s["combinations"][i]["accuracy"][m].values()) for s in seeds])
                          for m in methods},
         })
     accuracy_gap = {
-        m: {t: _mean_std([r.methods["pam"].test_accuracy[t] - r.methods[m].test_accuracy[t] for r in runs]) for t in tasks}
+        m: {t: _mean_std([_test_accuracy(s, "pam", t) - _test_accuracy(s, m, t) for s in seeds]) for t in tasks}
         for m in methods if m != "pam"
     }
     results = {
         "config": dataclasses.asdict(config),
-        "tasks": list(tasks),
+        "tasks": tasks,
         "flops_convention": "2 x multiply-accumulates of conv and linear layers per input sample (FlopCounterMode)",
         "accuracy_metric": "mean binary accuracy over the task's labels on the test split",
         "selection": (f"cheapest checkpoint with every task's calibration accuracy within {config.tolerance} "
@@ -547,6 +558,11 @@ def results_dict(config: ExperimentConfig, runs: list[SeedRun]) -> dict[str, Any
             "test_accuracy_gap_pam_minus": accuracy_gap,
             "matched": {m: all(s["matched"][m] for s in seeds) for m in methods},
         },
-        "seeds": seeds,
+        "seeds": list(seeds),
     }
-    return add_latency(results, [r.latency for r in runs]) if all(r.latency for r in runs) else results
+    return summarise_latency(results) if all("latency_gain" in s for s in seeds) else results
+
+
+def results_dict(config: ExperimentConfig, runs: list[SeedRun]) -> dict[str, Any]:
+    """JSON-ready results of ``config`` run on every seed: `results_from_seeds` of the runs' `seed_results`."""
+    return results_from_seeds(config, [seed_results(config, r) for r in runs])

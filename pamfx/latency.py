@@ -21,10 +21,11 @@ On this project's 2-core machine shared by several jobs, wall-time medians of on
 from 1.9 to 10 ms from block to block while its CPU-time medians stayed within 5 %.
 ``clock="wall"`` (`time.perf_counter`) measures wall time, for a dedicated machine.
 
-`add_latency` writes the measurements into the comparison's JSON results (`pamfx.experiment`):
-per seed and combination the seconds (``latency[method][backend][batch]``) and the gain of PAM
-over every other method (``latency_gain[method][backend][batch]`` = t_method / t_pam), and in the
-summary their mean ± std over the seeds with the average and peak gain over combinations.
+`seed_latency` writes one seed's measurements into the comparison's JSON results
+(`pamfx.experiment`): per combination the seconds (``latency[method][backend][batch]``) and the
+gain of PAM over every other method (``latency_gain[method][backend][batch]`` = t_method / t_pam);
+`summarise_latency` adds to the summary their mean ± std over the seeds with the average and peak
+gain over combinations.
 """
 from __future__ import annotations
 
@@ -244,27 +245,30 @@ def _across(trees: list[Any], reduce: Callable[[list[float]], Any]) -> Any:
     return reduce(trees)
 
 
-def add_latency(results: dict[str, Any], latencies: Sequence[Latency]) -> dict[str, Any]:
-    """Write one `Latency` per seed into comparison ``results`` (`pamfx.experiment.results_dict`); return it.
+def seed_latency(seed: dict[str, Any], latency: Latency, tasks: TaskSpace) -> dict[str, Any]:
+    """Write one seed's `Latency` into its JSON results (`pamfx.experiment.seed_results`); return it.
 
-    Per seed and combination: ``latency`` (seconds) and ``latency_gain`` (t_method / t_pam, for
-    every method but PAM); the summary gets their mean ± std over the seeds per combination, and
-    ``latency_gain`` per method, backend and batch: the average and peak over combinations
-    (each per seed, then mean ± std), like the FLOPs gain.
+    Per combination: ``latency`` (seconds) and ``latency_gain`` (t_method / t_pam, for every method
+    but PAM); per seed: ``latency_gain`` per method, backend and batch, the average and peak over
+    combinations, like the FLOPs gain.
     """
-    if len(latencies) != len(results["seeds"]):
-        raise InputError(f"add_latency: {len(latencies)} measurements for {len(results['seeds'])} seeds")
-    tasks = TaskSpace(tuple(results["tasks"]))
-    for run, latency in zip(results["seeds"], latencies):
-        for entry in run["combinations"]:
-            times = latency[tasks.select(entry["tasks"])]
-            entry["latency"] = {m: {b: {str(n): s for n, s in per.items()} for b, per in by.items()} for m, by in times.items()}
-            entry["latency_gain"] = {m: _gain(entry["latency"], m) for m in entry["latency"] if m != "pam"}
-        run["latency_gain"] = {
-            m: _across([c["latency_gain"][m] for c in run["combinations"]],
-                       lambda v: {"average": statistics.fmean(v), "peak": max(v)})
-            for m in run["combinations"][0]["latency_gain"]
-        }
+    for entry in seed["combinations"]:
+        times = latency[tasks.select(entry["tasks"])]
+        entry["latency"] = {m: {b: {str(n): s for n, s in per.items()} for b, per in by.items()} for m, by in times.items()}
+        entry["latency_gain"] = {m: _gain(entry["latency"], m) for m in entry["latency"] if m != "pam"}
+    seed["latency_gain"] = {
+        m: _across([c["latency_gain"][m] for c in seed["combinations"]],
+                   lambda v: {"average": statistics.fmean(v), "peak": max(v)})
+        for m in seed["combinations"][0]["latency_gain"]
+    }
+    return seed
+
+
+def summarise_latency(results: dict[str, Any]) -> dict[str, Any]:
+    """Add to comparison ``results`` whose seeds carry `seed_latency` the mean ± std over the seeds of
+    every combination's latency and latency gain, and of the average and peak gains; return it."""
+    if not all("latency_gain" in seed for seed in results["seeds"]):
+        raise InputError("summarise_latency: some seed of the results has no latency measurement")
     summary = results["summary"]
     for i, entry in enumerate(summary["combinations"]):
         for key in ("latency", "latency_gain"):

@@ -261,8 +261,12 @@ def write_report(results: dict[str, Any], out_dir: Path, regrouping=None) -> dic
     if results["summary"].get("latency_gain"):  # measured, and a method besides PAM to compare with
         paths["latency_plot"] = plot_latency(results, out_dir / "latency.png")
     if regrouping is not None:
-        target = out_dir / "alpha_trace.png"
-        with atomic_path(target) as tmp:
-            regrouping.plot_trace(str(tmp))
-        paths["alpha_trace_plot"] = target
+        paths["alpha_trace_plot"] = plot_alpha_trace(regrouping, out_dir / "alpha_trace.png")
     return paths
+
+
+def plot_alpha_trace(regrouping, path: Path) -> Path:
+    """Fig. 4.7: the α trace of ``regrouping`` (a `RegroupResult`), written atomically to ``path``."""
+    with atomic_path(path) as tmp:
+        regrouping.plot_trace(str(tmp))
+    return Path(path)

@@ -15,7 +15,8 @@ The output folder gets ``REPRODUCTION.md`` (our numbers as mean ± std over the 
 paper's), its plots, and one sub-folder per run with `pamfx.report.write_report`'s files. All
 choices are made on the calibration split (the fixed α and tolerance of the plan, the cheapest
 checkpoint within the tolerance); the test split is only evaluated. A run whose ``results.json``
-already holds the same configuration is read back, so an interrupted reproduction resumes.
+already holds the same configuration is read back, and so is every seed a run saved before it was
+cut off (``<run>/seeds/seed-<k>.json``), so an interrupted reproduction resumes.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ import torch  # noqa: E402
 from pamfx.atomic import atomic_path  # noqa: E402
 from pamfx.data import inclusion_split, load_dataset, overlap_split  # noqa: E402
 from pamfx.errors import InputError  # noqa: E402
-from pamfx.experiment import ExperimentConfig, results_dict, run_comparison  # noqa: E402
-from pamfx.report import format_table, write_report  # noqa: E402
+from pamfx.experiment import ExperimentConfig, results_from_seeds, run_seed, seed_results  # noqa: E402
+from pamfx.report import format_table, plot_alpha_trace, write_report  # noqa: E402
 
 Results = dict[str, Any]
 LETTERS = "ABCDE"
@@ -170,26 +171,72 @@ def saved_results(folder: Path, config: ExperimentConfig) -> Results | None:
     return saved if saved["config"] == json.loads(json.dumps(dataclasses.asdict(config))) else None
 
 
+def _config_json(config: ExperimentConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def seed_file(folder: Path, seed: int) -> Path:
+    """Where `run_seed_into` keeps one seed's results of the run in ``folder``."""
+    return Path(folder) / "seeds" / f"seed-{seed}.json"
+
+
+def saved_seed(folder: Path, config: ExperimentConfig, seed: int) -> Results | None:
+    """Seed ``seed`` of ``config`` as ``folder`` holds it (``config``, ``results``: its `seed_results`,
+    ``wall_seconds``), or None. The configurations compare with ``seeds`` set to that seed, so a run
+    with more seeds reuses the ones it shares."""
+    target = seed_file(folder, seed)
+    if not target.exists():
+        return None
+    saved = json.loads(target.read_text())
+    return saved if saved["config"] == _config_json(dataclasses.replace(config, seeds=[seed])) else None
+
+
+def run_seed_into(folder: Path, config: ExperimentConfig, seed: int, *, force: bool = False, progress: bool = True,
+                  log: Callable[[str], None] = print) -> Results:
+    """One seed of the comparison of ``config``, saved atomically as `seed_file` as soon as it ends (read
+    back instead when ``folder`` already holds it, unless ``force``); the α trace of the config's first
+    seed (Fig. 4.7) is written beside. A run cut off midway keeps its finished seeds."""
+    saved = None if force else saved_seed(folder, config, seed)
+    if saved is not None:
+        log(f"seed {seed}: read back from {seed_file(folder, seed)}")
+        return saved
+    config.validate()
+    started = time.perf_counter()
+    run = run_seed(config, seed, progress, log)
+    record = {"config": _config_json(dataclasses.replace(config, seeds=[seed])),
+              "results": seed_results(config, run), "wall_seconds": time.perf_counter() - started}
+    if seed == config.seeds[0] and run.regrouping is not None:
+        plot_alpha_trace(run.regrouping, Path(folder) / "alpha_trace.png")
+    with atomic_path(seed_file(folder, seed)) as tmp:
+        tmp.write_text(json.dumps(record))
+    return record
+
+
+def finish_run(folder: Path, config: ExperimentConfig, seeds: list[Results]) -> Results:
+    """Assemble the results of ``config`` from its seeds' `run_seed_into` records and write its report
+    (results.json, table.txt, plots) into ``folder``; ``wall_seconds`` is the sum over the seeds."""
+    results = results_from_seeds(config, [s["results"] for s in seeds])
+    results["wall_seconds"] = sum(s["wall_seconds"] for s in seeds)
+    write_report(results, Path(folder))
+    with atomic_path(Path(folder) / "table.txt") as tmp:
+        tmp.write_text(format_table(results) + "\n")
+    return results
+
+
 def run_into(folder: Path, config: ExperimentConfig, *, force: bool = False, progress: bool = True,
              log: Callable[[str], None] = print) -> Results:
     """The comparison of ``config`` with its report (results.json, table.txt, plots) in ``folder``.
 
     When ``folder`` already holds the results of the same configuration they are read back instead
-    (``force`` reruns). Used by `reproduce` and by tools/bench_gain.py.
+    (``force`` reruns); so are the seeds of an interrupted run (`run_seed_into`). Used by `reproduce`
+    and by tools/bench_gain.py.
     """
-    target = Path(folder) / "results.json"
     saved = None if force else saved_results(folder, config)
     if saved is not None:
-        log(f"read back from {target}")
+        log(f"read back from {Path(folder) / 'results.json'}")
         return saved
-    started = time.perf_counter()
-    runs = run_comparison(config, progress=progress, log=log)
-    results = results_dict(config, runs)
-    results["wall_seconds"] = time.perf_counter() - started
-    write_report(results, target.parent, runs[0].regrouping)
-    with atomic_path(target.parent / "table.txt") as tmp:
-        tmp.write_text(format_table(results) + "\n")
-    return results
+    seeds = [run_seed_into(folder, config, seed, force=force, progress=progress, log=log) for seed in config.seeds]
+    return finish_run(folder, config, seeds)
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -464,11 +511,16 @@ def _sweep_section(sweep: Mapping[float, Results], baseline: Results | None, alp
             + [_pm(c["flops"]["pam"], 1e-6, 3) for c in r["summary"]["combinations"]]
             + [_pm(_gains_over(r, baseline or r)["average"]) if _has_baseline1(baseline or r) else "—"]
             for alpha, r in sweep.items()]
+    merged = [_mean_sharing(r, "merged")["mean"] for r in sweep.values()]
+    falls = all(a >= b for a, b in zip(merged, merged[1:]))
     lines = [f"## {SECTION_TITLES['sweep']}", "",
-             f"PAM with the ablation setting ({first['config']['model']}, {first['config']['pruner']}) for each α; "
-             "larger α gives each task more exclusive channels (cheaper single tasks) and fewer shared ones "
-             "(dearer joint execution). Each α is selected on the calibration split like every other run; "
-             f"the other runs use the plan's fixed α = {alpha:g}, not a value chosen here.", ""]
+             f"PAM with the ablation setting ({first['config']['model']}, {first['config']['pruner']}) for each α, its "
+             "network selected on the calibration split like every other run. The paper: a larger α gives each task "
+             "more exclusive channels (cheaper single tasks) and fewer shared ones (dearer joint execution). Here the "
+             "sharing ratio after merging goes " + " → ".join(f"{100 * m:.1f}%" for m in merged)
+             + (", falling with α as the paper expects." if falls else ": it does not fall monotonically with α.")
+             + " The table runs choose α per seed from their candidates on the calibration split and the other "
+             f"ablations use α = {alpha:g}; no α is chosen from this sweep.", ""]
     lines += _md(["α", "sharing merged (%)", "sharing pruned (%)"] + [f"MFLOPs {c}" for c in combos] + ["avg gain over B1"],
                  rows)
     reference = baseline or first
@@ -526,7 +578,7 @@ def _inclusion_section(results: Results) -> list[str]:
 
 
 def _header(plan: ReproductionPlan, command: str, walls: Mapping[str, float], total: float,
-            missing: list[str]) -> list[str]:
+            missing: Mapping[str, list[int]]) -> list[str]:
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
     lines = ["# Reproduction of Sec. 4.6 (Pruning-Aware Merging)", "",
              f"Written by `{command}` (plan `{plan.name}`, seeds {plan.seeds}) in {total / 60:.1f} min on {machine}; "
@@ -543,9 +595,14 @@ def _header(plan: ReproductionPlan, command: str, walls: Mapping[str, float], to
     lines += _md(["run", "wall time (min)"], [[n, f"{s / 60:.1f}"] for n, s in walls.items()])
     if missing:
         lines += [f"**Partial: {len(missing)} of {len(walls) + len(missing)} runs have not finished** "
-                  f"({', '.join(missing)}); their sections say so. `pamfx reproduce --out` on this folder runs "
-                  "them and reads the finished ones back.", ""]
+                  f"({', '.join(_with_seeds(name, seeds) for name, seeds in missing.items())}); their sections "
+                  "say so. `pamfx reproduce --out` on this folder runs them and reads the finished runs and seeds "
+                  "back.", ""]
     return lines
+
+
+def _with_seeds(name: str, seeds: list[int]) -> str:
+    return f"{name} (seeds {', '.join(map(str, seeds))} saved)" if seeds else name
 
 
 def _pending(title: str, names: list[str]) -> list[str]:
@@ -553,10 +610,12 @@ def _pending(title: str, names: list[str]) -> list[str]:
     return [f"## {title}", "", f"Not run yet: {', '.join(names)}.", ""]
 
 
-def _run_job(folder: Path, config: ExperimentConfig, force: bool, name: str, threads: int) -> Results:
-    """One run in a worker process of `reproduce` (``jobs > 1``): no progress bars, lines prefixed by the run."""
+def _seed_job(folder: Path, config: ExperimentConfig, seed: int, force: bool, name: str, threads: int) -> Results:
+    """One seed of a run in a worker process of `reproduce` (``jobs > 1``): no progress bars, lines
+    prefixed by the run."""
     torch.set_num_threads(threads)
-    return run_into(folder, config, force=force, progress=False, log=lambda line: print(f"{name}: {line}", flush=True))
+    return run_seed_into(folder, config, seed, force=force, progress=False,
+                         log=lambda line: print(f"{name}: {line}", flush=True))
 
 
 def _spread(configs: Mapping[str, ExperimentConfig]) -> list[str]:
@@ -575,8 +634,9 @@ def reproduce(out: str | Path, plan: ReproductionPlan = FULL, *, force: bool = F
               report_only: bool = False) -> Path:
     """Run every section of ``plan`` and write ``out/REPRODUCTION.md`` with its plots; returns its path.
 
-    ``jobs > 1`` runs that many runs at once in worker processes (each with this process's torch thread
-    count, no progress bars); the runs are independent, so the document is the same. ``report_only``
+    ``jobs > 1`` runs that many seeds at once in worker processes (each with this process's torch thread
+    count, no progress bars): the seeds of every run are independent, so the document is the same, and
+    a long run's seeds run side by side. ``report_only``
     runs nothing: the document is written from the runs ``out`` already holds, and the sections of the
     others say that they have not run yet.
     """
@@ -605,14 +665,22 @@ def reproduce(out: str | Path, plan: ReproductionPlan = FULL, *, force: bool = F
             results[name] = run_into(out / name, config, force=force, progress=progress,
                                      log=lambda line, name=name: log(f"{name}: {line}"))
     else:
+        for name, config in configs.items():
+            if not force and (saved := saved_results(out / name, config)) is not None:
+                results[name] = saved
+                log(f"{name}: read back from {out / name / 'results.json'}")
+        todo = {name: config for name, config in configs.items() if name not in results}
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
-            futures = {name: pool.submit(_run_job, out / name, configs[name], force, name, torch.get_num_threads())
-                       for name in _spread(configs)}
-            for name in configs:
-                results[name] = futures[name].result()
+            futures = {(name, seed): pool.submit(_seed_job, out / name, todo[name], seed, force, name,
+                                                 torch.get_num_threads())
+                       for name in _spread(todo) for seed in todo[name].seeds}
+            for name, config in todo.items():
+                results[name] = finish_run(out / name, config, [futures[name, seed].result() for seed in config.seeds])
                 log(f"{name}: done")
-    missing = [name for name in configs if name not in results]
+    results = {name: results[name] for name in configs if name in results}
+    missing = {name: [seed for seed in configs[name].seeds if saved_seed(out / name, configs[name], seed) is not None]
+               for name in configs if name not in results}
     tables = {setting: results[setting] for setting in plan.tables if setting in results}
     baseline = tables.get(SWEEP_BASELINE) if same else None
     sweep = {alpha: results[name] for alpha, name in sweep_runs.items() if name in results}
@@ -624,7 +692,7 @@ def reproduce(out: str | Path, plan: ReproductionPlan = FULL, *, force: bool = F
     lines = _header(plan, command, walls, time.perf_counter() - started, missing)
     for table in TABLE_TITLES:
         settings = {s: r for s, r in tables.items() if s.startswith(table)}
-        pending = [s for s in plan.tables if s.startswith(table) and s in missing]
+        pending = [_with_seeds(s, missing[s]) for s in plan.tables if s.startswith(table) and s in missing]
         lines += _table_section(table, settings) if settings else _pending(TABLE_TITLES[table], pending)
     if tables:
         plot_gains(tables, out / "fig4_5_gains.png")

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from pamfx.cli import main
 from pamfx.data import inclusion_split, load_dataset, overlap_split
 from pamfx.errors import InputError
-from pamfx.reproduce import FULL, PAPER_TABLE_4_2, QUICK, ReproductionPlan, _gains_over, _spread, label_relatedness, reproduce
+from pamfx.experiment import run_seed
+from pamfx.reproduce import (FULL, PAPER_TABLE_4_2, QUICK, ReproductionPlan, _gains_over, _spread, label_relatedness,
+                             reproduce, run_into, saved_seed)
 
 TINY_RUN = dict(dataset="tiled-digits", n_train=160, n_calib=120, n_test=80, epochs=1, finetune_epochs=1,
                 prune_rounds=1, prune_finetune_steps=2, prune_step=0.3, importance_batches=1, tolerance=0.05,
@@ -98,21 +100,72 @@ def test_a_second_call_reads_every_run_back(reproduction):
     assert {p: p.read_text() for p in out.glob("*/results.json")} == before
 
 
+TIMINGS = ("wall_seconds", "seconds", "latency", "latency_gain", "latency_protocol")
+
+
+def _timeless(results):
+    """``results`` without its timings (wall times, per-method seconds, latency), which differ from run to run."""
+    if isinstance(results, dict):
+        return {k: _timeless(v) for k, v in results.items() if k not in TIMINGS}
+    return [_timeless(v) for v in results] if isinstance(results, list) else results
+
+
 @pytest.mark.slow
-def test_parallel_jobs_write_the_same_document(reproduction, capfd):
+def test_parallel_jobs_write_the_same_document(reproduction, tmp_path, capfd):
     out, path, _ = reproduction
-    before = {p: p.read_text() for p in out.glob("*/results.json")}
-    document = path.read_text().splitlines()
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    rerun = ["4.2-P2", "overlap-0"]
+    for name in rerun:
+        shutil.rmtree(again / name)
+    before = {p.relative_to(again): p.read_text() for p in again.glob("*/results.json")}
     lines: list[str] = []
-    reproduce(out, TINY, progress=False, log=lines.append, jobs=2)
-    assert sorted(lines) == sorted(f"{name}: done" for name in (p.parent.name for p in before))
-    assert capfd.readouterr().out.count("read back") == len(before)  # the workers' lines
-    assert {p: p.read_text() for p in out.glob("*/results.json")} == before
-    again = path.read_text().splitlines()
-    assert len(again) == len(document)
-    assert {i for i, (a, b) in enumerate(zip(again, document)) if a != b} <= {2}  # at most the header's wall time
+    document = reproduce(again, TINY, progress=False, log=lines.append, jobs=2).read_text()
+    assert sorted(line for line in lines if line.endswith(": done")) == sorted(f"{name}: done" for name in rerun)
+    assert sum("read back" in line for line in lines) == len(before)
+    workers = capfd.readouterr().out
+    assert all(f"{name}: [seed {seed}]" in workers for name in rerun for seed in TINY.seeds)  # each seed in a worker
+    assert {p: (again / p).read_text() for p in before} == before
+    for name in rerun:
+        assert _timeless(json.loads((again / name / "results.json").read_text())) == \
+            _timeless(json.loads((out / name / "results.json").read_text()))
+        assert sorted(p.name for p in (again / name / "seeds").iterdir()) == [f"seed-{s}.json" for s in TINY.seeds]
+    assert document.split("## Table 4.2 analogue")[1] == path.read_text().split("## Table 4.2 analogue")[1]
     with pytest.raises(InputError, match="jobs must be >= 1"):
         reproduce(out, TINY, jobs=0)
+
+
+@pytest.mark.slow
+def test_a_run_cut_off_midway_keeps_its_finished_seeds(reproduction, tmp_path, monkeypatch):
+    out, _, _ = reproduction
+    config = TINY.table_config("4.2-P2")
+    folder = tmp_path / "4.2-P2"
+    calls: list[int] = []
+
+    def cut_off_at_the_last_seed(config, seed, progress, log):
+        calls.append(seed)
+        if seed == config.seeds[-1]:
+            raise RuntimeError("the machine stopped")
+        return run_seed(config, seed, progress, log)
+
+    monkeypatch.setattr("pamfx.reproduce.run_seed", cut_off_at_the_last_seed)
+    with pytest.raises(RuntimeError, match="the machine stopped"):
+        run_into(folder, config, progress=False, log=lambda line: None)
+    assert calls == [0, 1] and not (folder / "results.json").exists()
+    assert (folder / "alpha_trace.png").exists() and saved_seed(folder, config, 0) is not None
+
+    calls.clear()
+    monkeypatch.setattr("pamfx.reproduce.run_seed", lambda c, s, p, log: calls.append(s) or run_seed(c, s, p, log))
+    lines: list[str] = []
+    results = run_into(folder, config, progress=False, log=lines.append)
+    assert calls == [1] and lines[0] == f"seed 0: read back from {folder / 'seeds' / 'seed-0.json'}"
+    assert _timeless(results) == _timeless(json.loads((out / "4.2-P2" / "results.json").read_text()))
+    assert results["wall_seconds"] == pytest.approx(sum(saved_seed(folder, config, s)["wall_seconds"] for s in (0, 1)))
+
+    assert saved_seed(folder, dataclasses.replace(config, tolerance=0.06), 0) is None  # another configuration
+    calls.clear()
+    more = run_into(folder, dataclasses.replace(config, seeds=[0, 1, 2]), progress=False, log=lambda line: None)
+    assert calls == [2] and more["seeds"][:2] == results["seeds"]  # a run with more seeds reuses the saved ones
 
 
 @pytest.mark.slow
@@ -121,15 +174,16 @@ def test_a_partial_reproduction_reports_what_has_run(reproduction, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(out, partial)
     gone = ["4.2-P2", "overlap-0", "overlap-5", "inclusion"]
-    for name in gone:
+    for name in gone[1:]:
         shutil.rmtree(partial / name)
+    (partial / "4.2-P2" / "results.json").unlink()  # cut off after its seeds: they stay
     before = {p: p.read_text() for p in partial.glob("*/results.json")}
     lines: list[str] = []
     document = reproduce(partial, TINY, progress=False, log=lines.append, report_only=True).read_text()
     assert lines == [] and {p: p.read_text() for p in partial.glob("*/results.json")} == before  # nothing ran
-    assert not (partial / "4.2-P2").exists()
+    assert not (partial / "4.2-P2" / "results.json").exists()
     total = len(list(out.glob("*/results.json")))
-    assert f"Partial: {len(gone)} of {total} runs have not finished" in document
+    assert f"Partial: {len(gone)} of {total} runs have not finished** (4.2-P2 (seeds 0, 1 saved), overlap-0," in document
     assert all(f"## {s}" in document for s in SECTIONS)
     assert "Not run yet: overlap-0, overlap-5." in document and "Not run yet: inclusion." in document
     table_4_2 = document.split("## Table 4.2 analogue")[1].split("## Table 4.4 analogue")[0]

@@ -39,7 +39,7 @@ from bench_gain import SETTINGS, config_of  # noqa: E402
 from pamfx.atomic import atomic_path  # noqa: E402
 from pamfx.experiment import ExperimentConfig, results_dict, run_comparison  # noqa: E402
 from pamfx.frontend import example_from_meta  # noqa: E402
-from pamfx.latency import Networks, add_latency, measure_latency  # noqa: E402
+from pamfx.latency import Networks, measure_latency, seed_latency, summarise_latency  # noqa: E402
 from pamfx.report import format_table, write_report  # noqa: E402
 
 TARGET = 0.85
@@ -100,7 +100,9 @@ def run_setting(setting: str, args: argparse.Namespace) -> dict:
                                      clock=config.latency_clock, seed=run["seed"],
                                      progress=not args.no_progress)
                      for nets, run in zip(networks, saved["seeds"])]
-        results = add_latency(saved, latencies)
+        for run, latency in zip(saved["seeds"], latencies):
+            seed_latency(run, latency, tasks)
+        results = summarise_latency(saved)
         results["config"] = json.loads(json.dumps(dataclasses.asdict(config)))
     else:
         runs = run_comparison(config, progress=not args.no_progress, log=log)
