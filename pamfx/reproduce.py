@@ -162,17 +162,17 @@ QUICK = ReproductionPlan(
 )
 
 
+def _config_json(config: ExperimentConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
 def saved_results(folder: Path, config: ExperimentConfig) -> Results | None:
     """The results ``folder`` holds for exactly ``config``, or None (no results.json, or another config's)."""
     target = Path(folder) / "results.json"
     if not target.exists():
         return None
     saved = json.loads(target.read_text())
-    return saved if saved["config"] == json.loads(json.dumps(dataclasses.asdict(config))) else None
-
-
-def _config_json(config: ExperimentConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    return saved if saved["config"] == _config_json(config) else None
 
 
 def seed_file(folder: Path, seed: int) -> Path:
