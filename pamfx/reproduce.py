@@ -602,7 +602,7 @@ def _header(plan: ReproductionPlan, command: str, walls: Mapping[str, float], to
 
 
 def _with_seeds(name: str, seeds: list[int]) -> str:
-    return f"{name} (seeds {', '.join(map(str, seeds))} saved)" if seeds else name
+    return f"{name} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} saved)" if seeds else name
 
 
 def _pending(title: str, names: list[str]) -> list[str]:
