@@ -166,13 +166,17 @@ def _config_json(config: ExperimentConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def saved_results(folder: Path, config: ExperimentConfig) -> Results | None:
-    """The results ``folder`` holds for exactly ``config``, or None (no results.json, or another config's)."""
-    target = Path(folder) / "results.json"
+def _saved(target: Path, config: ExperimentConfig) -> Results | None:
+    """The JSON record at ``target`` if it exists and was written for exactly ``config``, else None."""
     if not target.exists():
         return None
     saved = json.loads(target.read_text())
     return saved if saved["config"] == _config_json(config) else None
+
+
+def saved_results(folder: Path, config: ExperimentConfig) -> Results | None:
+    """The results ``folder`` holds for exactly ``config``, or None (no results.json, or another config's)."""
+    return _saved(Path(folder) / "results.json", config)
 
 
 def seed_file(folder: Path, seed: int) -> Path:
@@ -184,11 +188,7 @@ def saved_seed(folder: Path, config: ExperimentConfig, seed: int) -> Results | N
     """Seed ``seed`` of ``config`` as ``folder`` holds it (``config``, ``results``: its `seed_results`,
     ``wall_seconds``), or None. The configurations compare with ``seeds`` set to that seed, so a run
     with more seeds reuses the ones it shares."""
-    target = seed_file(folder, seed)
-    if not target.exists():
-        return None
-    saved = json.loads(target.read_text())
-    return saved if saved["config"] == _config_json(dataclasses.replace(config, seeds=[seed])) else None
+    return _saved(seed_file(folder, seed), dataclasses.replace(config, seeds=[seed]))
 
 
 def run_seed_into(folder: Path, config: ExperimentConfig, seed: int, *, force: bool = False, progress: bool = True,
