@@ -37,7 +37,7 @@ from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet, TaskSpace
 from pamfx.latency import Latency, check_backends, measure_latency, seed_latency, summarise_latency
 from pamfx.passes.finetune import SCHEDULES, finetune, multilabel_loss
-from pamfx.passes.merge import as_multitask, merge
+from pamfx.passes.merge import CROSS_ORIGIN, as_multitask, merge
 from pamfx.passes.mtz import mtz_merge
 from pamfx.passes.prune import Checkpoint, Trajectory, check_calibration_noise, recover
 from pamfx.passes.taylor import prune_taylor
@@ -71,6 +71,7 @@ class ExperimentConfig:
     relative_alpha: bool = True
     regroup_samples: int = 300
     regroup_variant: str = "full"
+    cross_origin: str = "dense"
     finetune_epochs: int = 2
     finetune_lr: float = 1e-3
     finetune_schedule: str = "cosine"
@@ -135,6 +136,7 @@ class ExperimentConfig:
             (self.finetune_schedule in SCHEDULES,
              f"'finetune_schedule' must be one of {SCHEDULES}, got {self.finetune_schedule!r}"),
             (self.pruner in PRUNERS, f"'pruner' must be one of {PRUNERS}, got {self.pruner!r}"),
+            (self.cross_origin in CROSS_ORIGIN, f"'cross_origin' must be one of {CROSS_ORIGIN}, got {self.cross_origin!r}"),
             (isinstance(self.seeds, list) and len(self.seeds) > 0 and all(isinstance(s, int) and s >= 0 for s in self.seeds),
              f"'seeds' must be a non-empty list of non-negative ints, got {self.seeds!r}"),
             (self.vib_kl >= 0 and self.vib_epochs >= 1 and self.vib_kl_growth >= 1 and self.vib_checkpoints >= 1,
@@ -316,7 +318,7 @@ def pam_start(config: ExperimentConfig, setup: SeedSetup, seed: int,
                      progress=progress)
     points = []
     for alpha, grouping in zip(alphas, (result.grouping, *result.groupings)):
-        merged = merge(setup.models, example, grouping, layers=layers)
+        merged = merge(setup.models, example, grouping, layers=layers, cross_origin=config.cross_origin)
         train = _loader(data.train, config.batch_size, seed)
         finetune(merged, train, multilabel_loss(label_map), epochs=config.finetune_epochs, lr=config.finetune_lr,
                  seed=seed, schedule=config.finetune_schedule, progress=progress)

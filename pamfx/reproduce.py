@@ -167,11 +167,14 @@ def _config_json(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def _saved(target: Path, config: ExperimentConfig) -> Results | None:
-    """The JSON record at ``target`` if it exists and was written for exactly ``config``, else None."""
+    """The JSON record at ``target`` if it exists and was written for exactly ``config``, else None.
+    A key added to `ExperimentConfig` after the record was written takes its default there (a new
+    key's default keeps the behaviour it had before)."""
     if not target.exists():
         return None
     saved = json.loads(target.read_text())
-    return saved if saved["config"] == _config_json(config) else None
+    written = {**_config_json(ExperimentConfig()), **saved["config"]}
+    return saved if written == _config_json(config) else None
 
 
 def saved_results(folder: Path, config: ExperimentConfig) -> Results | None:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import pamfx
-from pamfx.analysis.cost import channel_flops, combination_weights, expected_channel_flops
+from pamfx.analysis.cost import (channel_flops, combination_weights, cross_origin_flops, cross_origin_flops_by_layer,
+                                 expected_channel_flops)
 from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSpace
 from pamfx.passes.finetune import connection_masks, multilabel_loss
@@ -15,7 +16,7 @@ from pamfx.passes.prune import (Checkpoint, Trajectory, accuracy_standard_error,
                                 iterative_prune, recover)
 from pamfx.passes.taylor import channel_importance, channels_to_remove, prune_taylor, taylor_importance
 from pamfx.passes.vib import fold_and_prune, gateable_layers, gated_network, prune_vib
-from tests.conftest import example_input
+from tests.conftest import example_input, model_set
 from tests.test_finetune_prune import synthetic_task_data, two_output_models
 
 
@@ -110,6 +111,31 @@ def test_channel_flops_of_a_combination_is_what_removing_the_channel_saves_there
                 assert total - pamfx.cost(smaller, combo).flops == int(per_channel[layer][c])
                 if not view.records[layer].task_sets[c] & combo:
                     assert per_channel[layer][c] == 0
+
+
+def test_cross_origin_flops_count_the_connections_between_origin_networks():
+    """Under `shared` every hidden layer connects both origins densely: a layer of kernel k and P
+    output positions spends 2·k²·P·(out_A·in_B + out_B·in_A) FLOPs across origins, with the widths
+    read off the original networks; under `origin` nothing crosses."""
+    models, layers = model_set("lenet5", 2)
+    positions = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: positions.update({n: o[0, 0].numel()}))
+             for n, m in models["A"].named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    models["A"](example_input())
+    for h in hooks:
+        h.remove()
+    shared = pamfx.merge(models, example_input(), "shared", layers=layers)
+    by_layer = cross_origin_flops_by_layer(shared, ["A"])
+    assert by_layer == cross_origin_flops_by_layer(shared, ["A", "B"])  # every channel serves every task
+    expected = {}
+    for name in ("conv2", "fc1", "fc2"):
+        wa, wb = models["A"].get_submodule(name).weight, models["B"].get_submodule(name).weight
+        kernel = wa[0, 0].numel()
+        expected[name] = 2 * kernel * positions[name] * (wa.shape[0] * wb.shape[1] + wb.shape[0] * wa.shape[1])
+    assert by_layer == expected  # LeNet-5's neuron layers are named after the modules that write them
+    assert cross_origin_flops(shared, ["A"]) == sum(expected.values())
+    origin = pamfx.merge(models, example_input(), "origin", layers=layers)
+    assert all(cross_origin_flops(origin, c) == 0 for c in (["A"], ["B"], ["A", "B"]))
 
 
 def test_channels_of_likelier_combinations_rank_as_more_expensive():

@@ -16,6 +16,8 @@ def test_readme_api_example_runs(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "def forward" in out
     assert namespace["merged"] is not None and "A" in namespace["runtime"](namespace["x"], ["A"])
+    cost = namespace["pamfx"].cost
+    assert cost(namespace["lean"]).flops < cost(namespace["merged"]).flops
     for block in blocks[1:]:  # later examples continue the first one, each asserting its own results
         exec(compile(block, "README.md", "exec"), namespace)
 

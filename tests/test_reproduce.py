@@ -16,7 +16,7 @@ from pamfx.data import inclusion_split, load_dataset, overlap_split
 from pamfx.errors import InputError
 from pamfx.experiment import run_seed
 from pamfx.reproduce import (FULL, PAPER_TABLE_4_2, QUICK, ReproductionPlan, _gains_over, _spread, label_relatedness,
-                             reproduce, run_into, saved_seed)
+                             reproduce, run_into, saved_results, saved_seed)
 
 TINY_RUN = dict(dataset="tiled-digits", n_train=160, n_calib=120, n_test=80, epochs=1, finetune_epochs=1,
                 prune_rounds=1, prune_finetune_steps=2, prune_step=0.3, importance_batches=1, tolerance=0.05,
@@ -88,6 +88,20 @@ def test_the_numbers_are_those_of_the_runs(reproduction):
     inclusion = json.loads((out / "inclusion" / "results.json").read_text())
     assert inclusion["config"]["labels"] == inclusion_split(10, 5)
     assert inclusion["tasks"] == list(inclusion_split(10, 5))
+
+
+def test_a_run_saved_before_a_config_key_existed_is_read_back(reproduction, tmp_path):
+    """A key added to the configuration later (here ``cross_origin``) takes its default in older
+    records, so they still count for configurations that leave it at the default, and only those."""
+    out, _, _ = reproduction
+    config = TINY.table_config("4.2-P2")
+    shutil.copytree(out / "4.2-P2", tmp_path / "4.2-P2")
+    target = tmp_path / "4.2-P2" / "results.json"
+    record = json.loads(target.read_text())
+    del record["config"]["cross_origin"]
+    target.write_text(json.dumps(record))
+    assert saved_results(tmp_path / "4.2-P2", config) == record
+    assert saved_results(tmp_path / "4.2-P2", dataclasses.replace(config, cross_origin="absent")) is None
 
 
 @pytest.mark.slow

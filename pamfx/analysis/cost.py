@@ -212,9 +212,14 @@ def cross_origin_flops(gm: fx.GraphModule, tasks: Iterable[str] | str | TaskSet 
     """FLOPs of the combination ``tasks`` spent on connections between channels of different
     origin networks (new at merge, Sec. 4.5.1 step 4): inside a shared group they make the block
     up to K² times one network's; this says how much of it pruning left."""
+    return sum(cross_origin_flops_by_layer(gm, tasks).values())
+
+
+def cross_origin_flops_by_layer(gm: fx.GraphModule, tasks: Iterable[str] | str | TaskSet | None = None) -> dict[str, int]:
+    """`cross_origin_flops` per neuron layer (the layer the connections write)."""
     view = read_multitask(gm)
     combo = view.tasks.select(tasks)
-    macs = 0
+    macs: dict[str, int] = {}
     for node, info, module, positions in _module_nodes(view):
         if info.role != Role.DENSE or info.source is None:
             continue
@@ -222,5 +227,6 @@ def cross_origin_flops(gm: fx.GraphModule, tasks: Iterable[str] | str | TaskSet 
         rows, cols = out_rec.serves(combo), in_rec.serves(combo)
         foreign = torch.tensor([[o[0] != i[0] for i in in_rec.origins] for o in out_rec.origins])
         edges = node.meta[META_MASK] & foreign & rows[:, None] & cols[None, :]
-        macs += int(edges.sum()) * _kernel(module) * view.layers.nodes[node.args[0].name].block * positions
-    return 2 * macs
+        macs[info.layer] = macs.get(info.layer, 0) + (
+            int(edges.sum()) * _kernel(module) * view.layers.nodes[node.args[0].name].block * positions)
+    return {layer: 2 * m for layer, m in macs.items()}

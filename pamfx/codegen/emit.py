@@ -294,7 +294,9 @@ class _Emitter:
         allowed = [None if reads_input else self.allowed(t, x.layer) for t, _ in layout]
         if META_CONV_GROUPS in node.meta:
             if self.share:
-                raise InputError(f"node {node.name!r}: share_weights cannot emit a grouped conv (its weights are gathered per group)")
+                raise InputError(f"node {node.name!r} ({node.target}): share_weights cannot emit a dense op whose connections "
+                                 f"stay within blocks (a grouped conv, or a layer merged with cross_origin absent): its "
+                                 f"weights are gathered per block; emit without share_weights")
             pieces = [self.grouped_group(node, module, x, t, idx, cols) for (t, idx), cols in zip(layout, allowed)]
             return _Layer(info.layer, self.tag(self.cat(pieces), info.layer, layout))
         runs, record = self.plan(node, info, module, layout, allowed)
@@ -411,7 +413,10 @@ class _Emitter:
         return self.channels(self.env[node.args[0].name].layer)
 
     def grouped_group(self, node: fx.Node, module: nn.Module, x: Any, task_set: TaskSet, idx: list[int], cols: list[int] | None) -> fx.Node:
-        """One output group of a merged grouped conv over its allowed input positions."""
+        """One output group of a merged grouped conv (or of a dense op merged with its cross-origin
+        connections absent) over its allowed input positions."""
+        if isinstance(module, nn.Linear):
+            return self.blocked_linear(node, module, x, task_set, idx, cols)
         bias = None if module.bias is None else self.tensor(module.bias, idx)
         if cols is None:
             in_channels, x_in = list(range(module.in_channels)), x
@@ -457,8 +462,28 @@ class _Emitter:
             constant_channels = ConstantChannels(None if bias is None else bias[constant], len(constant), self.spatial(node))
             pieces.append(self.graph.call_module(self.add_module(base, constant_channels), (self.input,)))
             order += constant
-        result = self.cat(pieces)
-        if order == list(range(len(idx))):
+        return self.in_order(self.cat(pieces), order, base)
+
+    def blocked_linear(self, node: fx.Node, module: nn.Module, x: Any, task_set: TaskSet, idx: list[int], cols: list[int]) -> fx.Node:
+        """One output group of a linear op whose connections stay within blocks (``pamfx_conv_groups``):
+        one call per block over its rows and their allowed input positions ``cols``, then back in
+        ``idx`` order."""
+        out_ids, in_ids = node.meta[META_CONV_GROUPS]
+        in_channels = self.channels(x.layer)
+        rows_of: dict[int, list[int]] = {}  # block -> positions in idx
+        for p, r in enumerate(idx):
+            rows_of.setdefault(int(out_ids[r]), []).append(p)
+        base = f"{node.target}.{self.label(task_set)}"
+        pieces, order = [], []
+        for g, positions in rows_of.items():
+            block_cols = tuple(q for q in cols if int(in_ids[in_channels[q]]) == g)
+            pieces.append(self.call(node, module, base, [idx[p] for p in positions], block_cols, x)[0])
+            order += positions
+        return self.in_order(self.cat(pieces), order, base)
+
+    def in_order(self, result: fx.Node, order: list[int], base: str) -> fx.Node:
+        """``result``, whose channels are an output group's positions ``order``, back in group order."""
+        if order == list(range(len(order))):
             return result
         inverse = sorted(range(len(order)), key=order.__getitem__)
         return self.graph.call_function(torch.index_select, (result, 1, self.add_index(f"{base}.order", inverse)))

@@ -10,7 +10,9 @@ from pamfx.analysis.channel_order import group_orders
 from pamfx.analysis.multitask_view import read_multitask
 from pamfx.codegen.emit import emit_view
 from pamfx.codegen.fusion import FusionCostModel
+from pamfx.errors import InputError
 from pamfx.frontend import example_from_meta
+from pamfx.ir.meta import META_CONV_GROUPS
 from pamfx.ir.task_set import TaskSet
 from pamfx.passes.fold_batchnorm import inference_view
 from pamfx.passes.select_channels import order_keep, select_from_view
@@ -35,6 +37,11 @@ class MultitaskRuntime(nn.Module):
         super().__init__()
         self.fuse, self.batch = fuse, batch
         view = read_multitask(merged)
+        blocked = [node for node in merged.graph.nodes if META_CONV_GROUPS in node.meta]
+        if blocked:
+            raise InputError(f"MultitaskRuntime: node {blocked[0].name!r} ({blocked[0].target}) keeps its connections "
+                             f"within blocks (a grouped conv, or a layer merged with cross_origin absent), whose "
+                             f"weights cannot be views of one copy; use pamfx.emit per combination")
         ordered = select_from_view(view, order_keep(view, group_orders(view, usage))).eval()
         self._view = inference_view(read_multitask(ordered), fold_batchnorm)  # read and checked once, for every combination
         self.network = self._view.gm

@@ -12,8 +12,9 @@ writes these keys through the constants below. Types and carriers:
 - ``META_HEAD`` (str): a task head — the task whose output it computes.
 - ``META_DEPTHWISE`` (bool): a depthwise conv, which stays depthwise even when pruned to one
   channel (where groups = in = out = 1 would read as a dense conv).
-- ``META_CONV_GROUPS`` (tuple[tuple[int, ...], tuple[int, ...]]): a merged grouped conv — the
-  conv group id of every output and every input channel (connections only within a group).
+- ``META_CONV_GROUPS`` (tuple[tuple[int, ...], tuple[int, ...]]): a dense op whose connections
+  stay within blocks — a merged grouped conv, or a layer merged with ``cross_origin`` absent; the
+  block id (conv group, and origin network where absent) of every output and every input channel.
 - ``META_GROUP`` (tuple[str, tuple[tuple[int, tuple[int, ...]], ...]]): emitted modules — the
   layer, and the groups (task set, merged channel indices) a node's value holds, in channel order.
 - ``META_FUSED`` / ``META_DECLINED`` (dict): emitted dense calls that multiply masked zeros or

@@ -4,7 +4,8 @@ Implements steps 1–4 of the PAM workflow (Sec. 4.5.1), with residual blocks (S
 K ≥ 3 tasks (Sec. 4.5.4): every neuron layer is widened to hold all K networks' channels; a
 channel of task set τ1 in layer i−1 feeds a channel of task set τ2 in layer i iff τ2 ⊆ τ1
 (dense ops, identity shortcuts and heads alike); an allowed connection that existed keeps its
-weight, a new one across origins starts at 0, a forbidden one is masked to exactly 0. The
+weight, a new one across origins starts at 0, a forbidden one is masked to exactly 0
+(``cross_origin`` can keep the new cross-origin ones absent, layer by layer). The
 forward returns ``{task: output}``. The grouping and masks are kept in ``node.meta``. Grouped
 convs, concatenations, squeeze-excitation gates, shared unknown ops and networks of different
 depths (step 3) follow the channel rules of ``docs/op_rules.md``.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Mapping
+from typing import Collection, Mapping
 
 import torch
 from torch import fx, nn
@@ -45,9 +46,29 @@ def resolve_grouping(grouping: Grouping | str, layers: LayerMap) -> Grouping:
     return grouping
 
 
+#: ``cross_origin`` values of `merge` besides a collection of layer names.
+CROSS_ORIGIN = ("dense", "absent", "absent-conv")
+
+
+def _check_cross_origin(cross_origin: str | Collection[str], layers: LayerMap) -> str | frozenset[str]:
+    if isinstance(cross_origin, str):
+        if cross_origin not in CROSS_ORIGIN:
+            raise InputError(f"cross_origin must be one of {CROSS_ORIGIN} or a collection of layer names, got {cross_origin!r}")
+        return cross_origin
+    if not isinstance(cross_origin, Collection):
+        raise InputError(f"cross_origin must be one of {CROSS_ORIGIN} or a collection of layer names, "
+                         f"got {type(cross_origin).__name__}")
+    names = frozenset(cross_origin)
+    unknown = sorted(names - {l.name for l in layers})
+    if unknown:
+        raise InputError(f"cross_origin names layers the networks do not have: {unknown}; layers: {[l.name for l in layers]}")
+    return names
+
+
 class _Merger:
-    def __init__(self, layers: LayerMap, grouping: Grouping):
+    def __init__(self, layers: LayerMap, grouping: Grouping, cross_origin: str | frozenset[str] = "dense"):
         self.layers = layers
+        self.cross_origin = cross_origin
         self.tasks = layers.tasks
         self.first = self.tasks.names[0]
         self.organised = {t: organise_graph(layers.graphs[t], t, t, layers.unknown_ops) for t in self.tasks}
@@ -153,19 +174,38 @@ class _Merger:
         else:
             mask = subset_matrix(out_rec.task_sets, self.records[info.source].task_sets)
         conv_groups = getattr(ref, "groups", 1)
-        if conv_groups > 1:
-            out_ids = torch.cat([group_ids(m.out_channels, conv_groups) for m in mods.values()])
-            in_ids = group_ids(in_width, conv_groups) if info.source is None else torch.cat(
-                [group_ids(m.in_channels, conv_groups) for m in mods.values()]
-            )
+        blocks = conv_groups > 1 or self.absent_cross_origin(info, ref)
+        if blocks:
+            if conv_groups > 1:
+                out_ids = torch.cat([group_ids(m.out_channels, conv_groups) for m in mods.values()])
+                in_ids = group_ids(in_width, conv_groups) if info.source is None else torch.cat(
+                    [group_ids(m.in_channels, conv_groups) for m in mods.values()]
+                )
+            else:
+                out_ids, in_ids = torch.zeros(out_rec.width, dtype=torch.long), torch.zeros(in_width, dtype=torch.long)
+            if self.absent_cross_origin(info, ref):  # connection group = (origin network, conv group)
+                out_ids = out_ids + conv_groups * self.origin_index(info.layer)
+                in_ids = in_ids + conv_groups * self.origin_index(info.source)
             mask &= out_ids[:, None] == in_ids[None, :]
         weight = weight * expand_mask(mask, weight, in_block)
         self.modules[tnode.target] = rebuild(ref, groups=1 if conv_groups > 1 else None, weight=weight, bias=bias)
         node = self.copy_node(tnode, self.trunk)
         node.meta[META_MASK] = mask
-        if conv_groups > 1:
+        if blocks:
             node.meta[META_CONV_GROUPS] = (out_ids, in_ids)
         return node
+
+    def absent_cross_origin(self, info: NodeInfo, module: nn.Module) -> bool:
+        """Whether the dense op writing ``info.layer`` keeps its cross-origin connections absent."""
+        if info.source is None or self.cross_origin == "dense":
+            return False
+        if self.cross_origin == "absent-conv":
+            return isinstance(module, nn.Conv2d)
+        return self.cross_origin == "absent" or info.layer in self.cross_origin
+
+    def origin_index(self, layer: str) -> torch.Tensor:
+        """The origin network of every channel of ``layer``, as its position in the task space."""
+        return torch.tensor([self.tasks.names.index(t) for t, _ in self.records[layer].origins])
 
     def channelwise_module(self, i: int, tnode: fx.Node, info: NodeInfo) -> fx.Node:
         """BatchNorm / depthwise conv: concatenate the K networks' per-channel tensors."""
@@ -383,14 +423,21 @@ def merge(
     *,
     layers: LayerMap | None = None,
     unknown_ops: str = "refuse",
+    cross_origin: str | Collection[str] = "dense",
 ) -> fx.GraphModule:
     """Merge K single-task networks into one multitask GraphModule under ``grouping``.
 
     ``grouping`` is a `Grouping` over the layers of ``organise_layers(models, example_input)``
     (pass that map as ``layers`` to skip re-organising; it is checked to come from ``models``)
     or ``"origin"`` / ``"shared"``. ``unknown_ops`` (when ``layers`` is not given): see
-    `organise_layers`. The result shares no module, parameter or buffer with ``models``; its
-    modules keep the training flags of the modules they were made from.
+    `organise_layers`. ``cross_origin``: ``"dense"`` connects the channels of a layer's
+    different origin networks wherever the task sets allow (Sec. 4.5.1 step 4; new connections
+    start at 0); ``"absent"`` keeps every hidden layer's cross-origin connections absent (a
+    channel reads channels of its own origin network only, whatever their task sets),
+    ``"absent-conv"`` only those of layers written by a conv, a collection of layer names only
+    those of the named layers. Absent connections are masked like forbidden ones, so `cost`,
+    `emit` and the passes skip them exactly. The result shares no module, parameter or buffer
+    with ``models``; its modules keep the training flags of the modules they were made from.
     """
     check_type(models, Mapping, "models ({task_name: model})")
     check_type(example_input, torch.Tensor, "example_input")
@@ -399,11 +446,12 @@ def merge(
     else:
         check_layers_belong(layers, models, example_input)
     grouping = resolve_grouping(grouping, layers)
-    return _build(layers, grouping, example_input)
+    return _build(layers, grouping, example_input, _check_cross_origin(cross_origin, layers))
 
 
-def _build(layers: LayerMap, grouping: Grouping, example_input: torch.Tensor) -> fx.GraphModule:
-    gm = _Merger(layers, grouping).build()
+def _build(layers: LayerMap, grouping: Grouping, example_input: torch.Tensor,
+           cross_origin: str | frozenset[str] = "dense") -> fx.GraphModule:
+    gm = _Merger(layers, grouping, cross_origin).build()
     shape_propagate(gm, example_input, "merged network")
     gm.training = layers.graphs[layers.tasks.names[0]].training
     return gm
