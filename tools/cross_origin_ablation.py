@@ -56,8 +56,7 @@ def same_origin_masks(gm: fx.GraphModule, layers: Collection[str] | None = None)
         info = view.layers.nodes.get(node.name)
         if info is None or info.role != Role.DENSE or info.source is None or (layers is not None and info.layer not in layers):
             continue
-        rows, cols = view.records[info.layer].origins, view.records[info.source].origins
-        same = torch.tensor([[o[0] == i[0] for i in cols] for o in rows])
+        same = view.records[info.layer].same_origin(view.records[info.source])
         weight = modules[node.target].weight
         out.append((weight, expand_mask(same, weight, view.layers.nodes[node.args[0].name].block).to(weight.dtype)))
     return out
@@ -123,7 +122,8 @@ def main() -> None:
         removed, removed_gap = ablation.without_cross_origin(pam.network)
         control = ablation.finetune(copy.deepcopy(pam.network))
         row = {
-            "gap": {"PAM": ablation.gap(pam.network), "removed": removed_gap,
+            "gap": {"PAM": {t: 100 * (a - setup.calib_reference[t]) for t, a in pam.calib_accuracy.items()},
+                    "removed": removed_gap,
                     "removed + fine-tune": ablation.gap(removed), "control": ablation.gap(control)},
             "test": {"B1": b1.test_accuracy, "PAM": pam.test_accuracy,
                      "removed + fine-tune": evaluate_multitask(removed, setup.data.test, setup.label_map),

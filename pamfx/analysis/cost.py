@@ -225,8 +225,7 @@ def cross_origin_flops_by_layer(gm: fx.GraphModule, tasks: Iterable[str] | str |
             continue
         out_rec, in_rec = view.records[info.layer], view.records[info.source]
         rows, cols = out_rec.serves(combo), in_rec.serves(combo)
-        foreign = torch.tensor([[o[0] != i[0] for i in in_rec.origins] for o in out_rec.origins])
-        edges = node.meta[META_MASK] & foreign & rows[:, None] & cols[None, :]
+        edges = node.meta[META_MASK] & ~out_rec.same_origin(in_rec) & rows[:, None] & cols[None, :]
         macs[info.layer] = macs.get(info.layer, 0) + (
             int(edges.sum()) * _kernel(module) * view.layers.nodes[node.args[0].name].block * positions)
     return {layer: 2 * m for layer, m in macs.items()}

@@ -137,6 +137,11 @@ class LayerTaskSets:
         channel (what a head may read); for a combination S: is the channel active (τ ∩ S ≠ ∅)."""
         return torch.tensor([bool(t & task_bit) for t in self.task_sets], dtype=torch.bool)
 
+    def same_origin(self, source: "LayerTaskSets") -> torch.Tensor:
+        """Bool [channels of self, channels of ``source``]: do the two channels come from the same
+        origin network? (False: a cross-origin connection, new at merge.)"""
+        return torch.tensor([[o[0] == i[0] for i in source.origins] for o in self.origins], dtype=torch.bool)
+
     def select(self, keep: list[int]) -> "LayerTaskSets":
         """The record of the same layer keeping only channels ``keep`` (in that order)."""
         return LayerTaskSets(self.name, tuple(self.task_sets[c] for c in keep), tuple(self.origins[c] for c in keep))

@@ -174,7 +174,8 @@ class _Merger:
         else:
             mask = subset_matrix(out_rec.task_sets, self.records[info.source].task_sets)
         conv_groups = getattr(ref, "groups", 1)
-        blocks = conv_groups > 1 or self.absent_cross_origin(info, ref)
+        absent = self.absent_cross_origin(info, ref)
+        blocks = conv_groups > 1 or absent
         if blocks:
             if conv_groups > 1:
                 out_ids = torch.cat([group_ids(m.out_channels, conv_groups) for m in mods.values()])
@@ -183,7 +184,7 @@ class _Merger:
                 )
             else:
                 out_ids, in_ids = torch.zeros(out_rec.width, dtype=torch.long), torch.zeros(in_width, dtype=torch.long)
-            if self.absent_cross_origin(info, ref):  # connection group = (origin network, conv group)
+            if absent:  # connection group = (origin network, conv group)
                 out_ids = out_ids + conv_groups * self.origin_index(info.layer)
                 in_ids = in_ids + conv_groups * self.origin_index(info.source)
             mask &= out_ids[:, None] == in_ids[None, :]
