@@ -50,6 +50,12 @@ METHOD_TITLES = {"baseline1": "baseline 1: every single-task network on its own"
                  "mtz": "baseline 2: MTZ merge (+ joint fine-tune)", "pam": "PAM: regroup, merge, fine-tune"}
 
 
+#: Keys added to `ExperimentConfig` whose default changed what a run computes, each with the value
+#: that computes what runs saved before the key existed did (`pamfx.reproduce` reads such a run back
+#: for that value only). ``balance_spare``: the accuracy balance was unbounded (clamped at 20).
+SAVED_BEFORE_KEY: dict[str, Any] = {"balance_spare": 20.0}
+
+
 @dataclass
 class ExperimentConfig:
     """Everything that defines one comparison; the defaults are the built-in demo."""
@@ -87,6 +93,7 @@ class ExperimentConfig:
     prune_floor: float = 0.02
     importance_batches: int = 10
     prune_exclusive: bool = True
+    balance_spare: float = 1.0
     mtz_samples: int = 500
     mtz_finetune_steps: int = 200
     recover_candidates: int = 3
@@ -130,6 +137,8 @@ class ExperimentConfig:
             (self.regroup_samples >= 2, f"'regroup_samples' must be >= 2, got {self.regroup_samples}"),
             (0 < self.prune_step <= 1, f"'prune_step' must be in (0, 1], got {self.prune_step}"),
             (0 <= self.prune_floor < 1, f"'prune_floor' must be in [0, 1), got {self.prune_floor}"),
+            (isinstance(self.balance_spare, (int, float)) and self.balance_spare >= 0,
+             f"'balance_spare' must be a number of tolerances >= 0, got {self.balance_spare!r}"),
             (self.labels is None or (isinstance(self.labels, dict) and len(self.labels) >= 2 and all(
                 isinstance(t, str) and "&" not in t and isinstance(v, list) and v for t, v in self.labels.items())),
              f"'labels' must map at least two task names (without '&') to non-empty label lists, got {self.labels!r}"),
@@ -231,6 +240,7 @@ class _Pruner:
         if c.pruner == "taylor":
             trajectory = prune_taylor(network, self.train, loss, evaluate, search_tolerance=c.search_tolerance, tolerance=c.tolerance,
                                 importance_batches=c.importance_batches, exclusive=c.prune_exclusive,
+                                balance_spare=c.balance_spare,
                                 step_fraction=c.prune_step,
                                 finetune_steps=c.prune_finetune_steps, lr=c.finetune_lr, floor=c.prune_floor,
                                 schedule=c.finetune_schedule,

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from pamfx.atomic import atomic_path  # noqa: E402
 from pamfx.data import inclusion_split, load_dataset, overlap_split  # noqa: E402
 from pamfx.errors import InputError  # noqa: E402
-from pamfx.experiment import ExperimentConfig, results_from_seeds, run_seed, seed_results  # noqa: E402
+from pamfx.experiment import SAVED_BEFORE_KEY, ExperimentConfig, results_from_seeds, run_seed, seed_results  # noqa: E402
 from pamfx.report import format_table, plot_alpha_trace, write_report  # noqa: E402
 
 Results = dict[str, Any]
@@ -168,12 +168,12 @@ def _config_json(config: ExperimentConfig) -> dict[str, Any]:
 
 def _saved(target: Path, config: ExperimentConfig) -> Results | None:
     """The JSON record at ``target`` if it exists and was written for exactly ``config``, else None.
-    A key added to `ExperimentConfig` after the record was written takes its default there (a new
-    key's default keeps the behaviour it had before)."""
+    A key added to `ExperimentConfig` after the record was written takes its default there, or its
+    `SAVED_BEFORE_KEY` value where the new default changed what a run computes."""
     if not target.exists():
         return None
     saved = json.loads(target.read_text())
-    written = {**_config_json(ExperimentConfig()), **saved["config"]}
+    written = {**_config_json(ExperimentConfig()), **SAVED_BEFORE_KEY, **saved["config"]}
     return saved if written == _config_json(config) else None
 
 

@@ -107,6 +107,9 @@ def test_config_files(tmp_path):
         ExperimentConfig.from_mapping({"tolerance": 0.02, "search_tolerance": 0.01})
     with pytest.raises(InputError, match="finetune_schedule"):
         ExperimentConfig.from_mapping({"finetune_schedule": "step"})
+    for bad in (-0.5, "1"):
+        with pytest.raises(InputError, match="balance_spare"):
+            ExperimentConfig.from_mapping({"balance_spare": bad})
 
 
 def test_cli_help_and_errors(tmp_path, capsys):

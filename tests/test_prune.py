@@ -389,10 +389,17 @@ def test_recovery_bisects_for_the_cheapest_checkpoint_that_comes_back(recoverabl
 def test_task_balance_weighs_up_the_task_nearest_its_tolerance():
     from pamfx.passes.taylor import task_balance
 
-    lam = task_balance({"A": 0.93, "B": 0.905, "C": 0.91}, {"A": 0.92, "B": 0.91, "C": 0.91}, tolerance=0.005)
+    accuracy, reference = {"A": 0.93, "B": 0.905, "C": 0.91, "D": 0.913}, {"A": 0.92, "B": 0.91, "C": 0.91, "D": 0.91}
+    lam = task_balance(accuracy, reference, tolerance=0.005, spare=3.0)
     assert lam["C"] == pytest.approx(1.0)
-    assert lam["B"] == pytest.approx(float(torch.exp(torch.tensor(1.0))), rel=1e-6)  # 1 tolerance below
-    assert lam["A"] == pytest.approx(float(torch.exp(torch.tensor(-2.0))), rel=1e-6)  # 2 tolerances to spare
+    assert lam["B"] == pytest.approx(math.exp(1.0), rel=1e-6)  # 1 tolerance below
+    assert lam["A"] == pytest.approx(math.exp(-2.0), rel=1e-6)  # 2 tolerances to spare
+    bounded = task_balance(accuracy, reference, tolerance=0.005)  # spare accuracy counts for 1 tolerance at most
+    assert bounded["A"] == pytest.approx(math.exp(-1.0), rel=1e-6)
+    assert bounded["D"] == pytest.approx(math.exp(-0.6), rel=1e-6)
+    assert bounded["B"] == pytest.approx(lam["B"], rel=1e-6)
+    with pytest.raises(InputError, match="spare"):
+        task_balance(accuracy, reference, tolerance=0.005, spare=-1.0)
     merged = merged_network("lenet5")
     view = pamfx.read_multitask(merged)
     loader, label_map = synthetic_task_data(2)

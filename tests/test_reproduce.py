@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pamfx.cli import main
 from pamfx.data import inclusion_split, load_dataset, overlap_split
 from pamfx.errors import InputError
-from pamfx.experiment import run_seed
+from pamfx.experiment import SAVED_BEFORE_KEY, ExperimentConfig, run_seed
 from pamfx.reproduce import (FULL, PAPER_TABLE_4_2, QUICK, ReproductionPlan, _gains_over, _spread, label_relatedness,
                              reproduce, run_into, saved_results, saved_seed)
 
@@ -102,6 +102,21 @@ def test_a_run_saved_before_a_config_key_existed_is_read_back(reproduction, tmp_
     target.write_text(json.dumps(record))
     assert saved_results(tmp_path / "4.2-P2", config) == record
     assert saved_results(tmp_path / "4.2-P2", dataclasses.replace(config, cross_origin="absent")) is None
+
+
+def test_a_run_saved_before_a_default_changed_counts_for_the_old_behaviour_only(reproduction, tmp_path):
+    """``balance_spare`` changed what pruning computes; a record without it was computed unbounded, so it
+    counts for the `SAVED_BEFORE_KEY` value and not for the new default."""
+    out, _, _ = reproduction
+    config = TINY.table_config("4.2-P2")
+    shutil.copytree(out / "4.2-P2", tmp_path / "4.2-P2")
+    target = tmp_path / "4.2-P2" / "results.json"
+    record = json.loads(target.read_text())
+    assert record["config"].pop("balance_spare") == ExperimentConfig().balance_spare
+    target.write_text(json.dumps(record))
+    assert saved_results(tmp_path / "4.2-P2", config) is None
+    old = dataclasses.replace(config, balance_spare=SAVED_BEFORE_KEY["balance_spare"])
+    assert saved_results(tmp_path / "4.2-P2", old) == record
 
 
 @pytest.mark.slow

@@ -5,8 +5,9 @@ change of t's loss when the channel's output (its neuron layer's value, after a 
 is zeroed — the gate gradient ``Σ_{positions} a_c · ∂L_t/∂a_c`` of a minibatch, squared, averaged
 over ``batches`` minibatches. Scores are normalised per task (divided by the task's mean over the
 channels it uses), so tasks with larger losses do not dominate, and a channel of task set τ takes
-the **largest** normalised score over the tasks in τ: a shared channel is important if any task
-that uses it needs it (Sec. 4.5.1: pruning must not take from task A what task B does not need).
+the **sum** of the normalised scores over the tasks in τ, each weighted by the task's accuracy
+balance λ_t (`task_balance`): a shared channel is important if the tasks that use it need it
+(Sec. 4.5.1: pruning must not take from task A what task B does not need).
 
 Cost. A channel of task set τ costs its FLOPs in every combination S with S ∩ τ ≠ ∅; the pruner
 minimises the *expected* FLOPs under a usage distribution over combinations (uniform by default,
@@ -67,12 +68,21 @@ def taylor_importance(
     return {t: {name: s / seen for name, s in per_layer.items()} for t, per_layer in scores.items()}
 
 
-def task_balance(accuracy: Mapping[str, float], reference: Mapping[str, float], tolerance: float) -> dict[str, float]:
-    """λ_t = exp((reference_t − accuracy_t) / tolerance): a task close to (or past) its accuracy
-    tolerance weighs its channels up, a task with accuracy to spare weighs them down, so pruning
-    takes from the tasks that can afford it (a multiplier in the spirit of a Lagrangian)."""
+def task_balance(accuracy: Mapping[str, float], reference: Mapping[str, float], tolerance: float,
+                 spare: float = 1.0) -> dict[str, float]:
+    """λ_t = exp((reference_t − accuracy_t) / tolerance), at least exp(−``spare``): a task close to (or
+    past) its accuracy tolerance weighs its channels up, a task with accuracy to spare weighs them
+    down, so pruning takes from the tasks that can afford it (a multiplier in the spirit of a
+    Lagrangian).
+
+    Spare accuracy counts for at most ``spare`` tolerances. Unbounded, a merged network 4 points
+    above its references (VGG and ResNet merges are) weighed that task's channels down by e^−8: one
+    round then took nearly all its exclusive channels and the task fell 10–30 points, so the round
+    failed, the step halved, and pruning stopped early (docs/pruning.md, "Accuracy balance")."""
+    if spare < 0:
+        raise InputError(f"spare must be >= 0, got {spare}")
     scale = max(tolerance, 1e-6)
-    return {t: float(torch.exp(torch.tensor((reference[t] - a) / scale).clamp(-20, 20))) for t, a in accuracy.items()}
+    return {t: float(torch.exp(torch.tensor((reference[t] - a) / scale).clamp(-spare, 20))) for t, a in accuracy.items()}
 
 
 def channel_importance(gm: fx.GraphModule, scores: Mapping[str, Mapping[str, torch.Tensor]],
@@ -139,6 +149,7 @@ def prune_taylor(
     tolerance: float | None = None,
     importance_batches: int = 10,
     balance: bool = True,
+    balance_spare: float = 1.0,
     exclusive: bool = True,
     **loop: object,
 ) -> Trajectory:
@@ -148,13 +159,15 @@ def prune_taylor(
     ``reference`` holds the accuracies to stay near, ``weights`` the usage distribution over
     combinations. With ``balance`` the tasks' scores are weighted by `task_balance` of the current
     calibration accuracies on the scale of ``tolerance`` (default ``search_tolerance``; a no-op for
-    one task); ``exclusive=False`` prunes the shared groups only (`channels_to_remove`). ``loop`` takes the round-loop options of `iterative_prune` (``step_fraction``,
-    ``finetune_steps``, ``lr``, ``floor``, ``max_rounds``, ``patience``, ``seed``, ``schedule``,
+    one task), spare accuracy counting for at most ``balance_spare`` tolerances; ``exclusive=False``
+    prunes the shared groups only (`channels_to_remove`). ``loop`` takes the round-loop options of
+    `iterative_prune` (``step_fraction``, ``finetune_steps``, ``lr``, ``floor``, ``max_rounds``, ``patience``, ``seed``, ``schedule``,
     ``progress``).
     """
     def propose(point: Checkpoint, budget: float, protected: set) -> dict[str, list[int]]:
         network = point.network
-        lam = task_balance(point.accuracy, reference, tolerance if tolerance is not None else search_tolerance) if balance else None
+        lam = (task_balance(point.accuracy, reference, tolerance if tolerance is not None else search_tolerance,
+                            balance_spare) if balance else None)
         importance = channel_importance(network, taylor_importance(network, train_loader, loss_fn, importance_batches), lam)
         return channels_to_remove(network, importance, expected_channel_flops(network, weights), budget, protected,
                                   exclusive)
