@@ -43,6 +43,25 @@ def test_finetune_keeps_forbidden_connections_zero_and_lowers_the_loss(arch_name
         assert torch.count_nonzero(weight[mask == 0]) == 0
 
 
+@pytest.mark.parametrize("epochs, max_steps, steps", [(0, 7, 7), (0, 2, 2), (2, 4, 4), (2, None, 6), (1, 50, 3)])
+def test_finetune_takes_max_steps_minibatches_over_as_many_passes_as_needed(epochs, max_steps, steps):
+    """The loader holds 3 minibatches; ``epochs=0`` means exactly ``max_steps`` of them (a pruning
+    round's fine-tune budget must not stop at one pass over a small training split)."""
+    model = as_multitask(two_output_models("lenet5", 1)["A"], example_input(), "A")
+    loader, label_map = synthetic_task_data(1)
+    loss = multilabel_loss(label_map)
+    calls: list[int] = []
+
+    def counting_loss(outputs, targets):
+        calls.append(1)
+        return loss(outputs, targets)
+
+    history: list[float] = []
+    finetune(model, loader, counting_loss, epochs=epochs, max_steps=max_steps, progress=False, history=history,
+             schedule="cosine")
+    assert len(calls) == steps and len(history) == math.ceil(steps / len(loader))
+
+
 def test_shared_parameters_get_the_average_of_their_tasks_gradients():
     models = two_output_models("lenet5", 3)
     layers = pamfx.organise_layers(models, example_input())

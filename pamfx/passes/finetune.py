@@ -117,6 +117,10 @@ def finetune(
 ) -> fx.GraphModule:
     """Fine-tune a merged network in place on all tasks together; returns it.
 
+    It runs ``epochs`` passes over ``loader``, stopping early after ``max_steps`` minibatches if
+    given; with ``epochs=0`` it runs exactly ``max_steps`` minibatches, passing over the loader as
+    often as that takes.
+
     ``loss_fn(outputs, targets)`` gives one loss per task. Shared parameters get the average of
     their tasks' gradients, forbidden connections stay exactly zero. Mean loss per epoch is
     appended to ``history`` when given. ``module`` runs the forward instead of ``gm`` (a module
@@ -142,18 +146,19 @@ def finetune(
     optimiser = torch.optim.Adam(groups)
     scheduler = None
     if schedule == "cosine":
-        bounds = [n for n in (max(epochs, 1) * len(loader) if hasattr(loader, "__len__") else None, max_steps)
+        bounds = [n for n in (epochs * len(loader) if epochs >= 1 and hasattr(loader, "__len__") else None, max_steps)
                   if n is not None]
         if not bounds:
             raise InputError("finetune schedule='cosine' needs max_steps or a loader with a length")
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(min(bounds), 1))
-    steps = 0
+    steps, epoch = 0, 0
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         run.train()
-        for epoch in range(max(epochs, 1)):
+        while epochs < 1 or epoch < epochs:
+            epoch += 1
             total, batches = 0.0, 0
-            for x, y in progress_bar(loader, desc=f"fine-tune {epoch + 1}/{epochs}", enabled=progress):
+            for x, y in progress_bar(loader, desc=f"fine-tune {epoch}/{epochs or '…'}", enabled=progress):
                 losses = loss_fn(run(x), y)
                 if alternate:
                     names = sorted(losses)
@@ -177,7 +182,7 @@ def finetune(
                     break
             if history is not None and batches:
                 history.append(total / batches)
-            if max_steps is not None and steps >= max_steps:
+            if not batches or (max_steps is not None and steps >= max_steps):
                 break
     run.eval()
     gm.eval()
