@@ -90,16 +90,23 @@ def test_the_numbers_are_those_of_the_runs(reproduction):
     assert inclusion["tasks"] == list(inclusion_split(10, 5))
 
 
+def _saved_without(out, folder, key):
+    """A copy of ``out``'s 4.2-P2 run in ``folder`` whose record lacks config ``key`` (as written
+    before the key existed); returns the removed value and the record."""
+    shutil.copytree(out / "4.2-P2", folder)
+    target = folder / "results.json"
+    record = json.loads(target.read_text())
+    value = record["config"].pop(key)
+    target.write_text(json.dumps(record))
+    return value, record
+
+
 def test_a_run_saved_before_a_config_key_existed_is_read_back(reproduction, tmp_path):
     """A key added to the configuration later (here ``cross_origin``) takes its default in older
     records, so they still count for configurations that leave it at the default, and only those."""
     out, _, _ = reproduction
     config = TINY.table_config("4.2-P2")
-    shutil.copytree(out / "4.2-P2", tmp_path / "4.2-P2")
-    target = tmp_path / "4.2-P2" / "results.json"
-    record = json.loads(target.read_text())
-    del record["config"]["cross_origin"]
-    target.write_text(json.dumps(record))
+    _, record = _saved_without(out, tmp_path / "4.2-P2", "cross_origin")
     assert saved_results(tmp_path / "4.2-P2", config) == record
     assert saved_results(tmp_path / "4.2-P2", dataclasses.replace(config, cross_origin="absent")) is None
 
@@ -109,11 +116,8 @@ def test_a_run_saved_before_a_default_changed_counts_for_the_old_behaviour_only(
     counts for the `SAVED_BEFORE_KEY` value and not for the new default."""
     out, _, _ = reproduction
     config = TINY.table_config("4.2-P2")
-    shutil.copytree(out / "4.2-P2", tmp_path / "4.2-P2")
-    target = tmp_path / "4.2-P2" / "results.json"
-    record = json.loads(target.read_text())
-    assert record["config"].pop("balance_spare") == ExperimentConfig().balance_spare
-    target.write_text(json.dumps(record))
+    value, record = _saved_without(out, tmp_path / "4.2-P2", "balance_spare")
+    assert value == ExperimentConfig().balance_spare
     assert saved_results(tmp_path / "4.2-P2", config) is None
     old = dataclasses.replace(config, balance_spare=SAVED_BEFORE_KEY["balance_spare"])
     assert saved_results(tmp_path / "4.2-P2", old) == record

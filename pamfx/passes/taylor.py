@@ -161,8 +161,8 @@ def prune_taylor(
     calibration accuracies on the scale of ``tolerance`` (default ``search_tolerance``; a no-op for
     one task), spare accuracy counting for at most ``balance_spare`` tolerances; ``exclusive=False``
     prunes the shared groups only (`channels_to_remove`). ``loop`` takes the round-loop options of
-    `iterative_prune` (``step_fraction``, ``finetune_steps``, ``lr``, ``floor``, ``max_rounds``, ``patience``, ``seed``, ``schedule``,
-    ``progress``).
+    `iterative_prune` (``step_fraction``, ``finetune_steps``, ``lr``, ``floor``, ``max_rounds``,
+    ``patience``, ``seed``, ``schedule``, ``progress``).
     """
     def propose(point: Checkpoint, budget: float, protected: set) -> dict[str, list[int]]:
         network = point.network
