@@ -4,7 +4,9 @@ For one configuration and each seed: build the data (seeded), train (or load fro
 single-task networks, then
 
 - **baseline1**: prune every single-task network on its own;
-- **pam**: regroup (Alg. 4 / 5) + merge, then prune the merged network;
+- **pam**: regroup (Alg. 4 / 5) + merge, then prune the merged network; with ``compare_unshared``
+  the unshared merge (every neuron exclusive) is pruned too and the cheaper selection on the
+  calibration split is kept (`choose_grouping`);
 
 and optionally **mtz** (baseline 2: MTZ merge), all with the same pruner (P2 Taylor or P1 VIB),
 schedule and fine-tuning budget per network: every network, single or merged, is fine-tuned for
@@ -34,6 +36,8 @@ from pamfx.analysis.multitask_view import read_multitask
 from pamfx.analysis.regroup import RegroupResult, regroup
 from pamfx.data import TiledDigits, load_dataset, task_split
 from pamfx.errors import InputError
+from pamfx.ir.grouping import Grouping
+from pamfx.ir.neuron_layer import LayerMap
 from pamfx.ir.task_set import TaskSet, TaskSpace
 from pamfx.latency import Latency, check_backends, measure_latency, seed_latency, summarise_latency
 from pamfx.passes.finetune import SCHEDULES, finetune, multilabel_loss
@@ -52,8 +56,9 @@ METHOD_TITLES = {"baseline1": "baseline 1: every single-task network on its own"
 
 #: Keys added to `ExperimentConfig` whose default changed what a run computes, each with the value
 #: that computes what runs saved before the key existed did (`pamfx.reproduce` reads such a run back
-#: for that value only). ``balance_spare``: the accuracy balance was unbounded (clamped at 20).
-SAVED_BEFORE_KEY: dict[str, Any] = {"balance_spare": 20.0}
+#: for that value only). ``balance_spare``: the accuracy balance was unbounded (clamped at 20);
+#: ``compare_unshared``: PAM pruned the regrouped network only.
+SAVED_BEFORE_KEY: dict[str, Any] = {"balance_spare": 20.0, "compare_unshared": False}
 
 
 @dataclass
@@ -75,6 +80,7 @@ class ExperimentConfig:
     batch_size: int = 32
     alpha: float | list[float] = 0.1
     relative_alpha: bool = True
+    compare_unshared: bool = True
     regroup_samples: int = 300
     regroup_variant: str = "full"
     cross_origin: str = "dense"
@@ -137,6 +143,8 @@ class ExperimentConfig:
             (self.regroup_samples >= 2, f"'regroup_samples' must be >= 2, got {self.regroup_samples}"),
             (0 < self.prune_step <= 1, f"'prune_step' must be in (0, 1], got {self.prune_step}"),
             (0 <= self.prune_floor < 1, f"'prune_floor' must be in [0, 1), got {self.prune_floor}"),
+            (isinstance(self.compare_unshared, bool),
+             f"'compare_unshared' must be true or false, got {self.compare_unshared!r}"),
             (isinstance(self.balance_spare, (int, float)) and self.balance_spare >= 0,
              f"'balance_spare' must be a number of tolerances >= 0, got {self.balance_spare!r}"),
             (self.labels is None or (isinstance(self.labels, dict) and len(self.labels) >= 2 and all(
@@ -201,6 +209,7 @@ class SeedRun:
     cross_origin_share: dict[str, float] = field(default_factory=dict)
     regrouping: RegroupResult | None = None
     start: list[StartPoint] = field(default_factory=list)
+    grouping: dict[str, Any] | None = None
     latency: Latency = field(default_factory=dict)
 
 
@@ -296,14 +305,15 @@ def seed_setup(config: ExperimentConfig, seed: int, progress: bool = True) -> Se
 
 @dataclass
 class StartPoint:
-    """PAM's merged network for one α after the fine-tune every method gets, before any pruning.
+    """PAM's merged network for one α (None: the unshared merge) after the fine-tune every method
+    gets, before any pruning.
 
     ``gap``: per task, calibration accuracy minus the single-task network's; ``expected_flops``:
     under the config's combination weights. ``train`` is the training loader the fine-tune
     advanced; pruning continues from it, so a single α gives the same run as before α lists existed.
     """
 
-    alpha: float
+    alpha: float | None
     expected_flops: float
     sharing: dict[str, float]
     gap: dict[str, float]
@@ -316,30 +326,39 @@ class StartPoint:
 
 
 def pam_start(config: ExperimentConfig, setup: SeedSetup, seed: int,
-              progress: bool = True) -> tuple[RegroupResult, list[StartPoint]]:
+              progress: bool = True) -> tuple[RegroupResult, list[StartPoint], StartPoint | None]:
     """Regroup once for every α of ``config.alphas`` (Alg. 4 / 5: one greedy run serves them all), then
-    merge and fine-tune each grouping (fresh, equally seeded loader per α) and measure its start."""
-    data, label_map, example = setup.data, setup.label_map, setup.example
+    merge and fine-tune each grouping (fresh, equally seeded loader per α) and measure its start; with
+    ``compare_unshared`` also the unshared merge (`Grouping.origin`, returned last, else None)."""
+    data, label_map = setup.data, setup.label_map
     n = min(config.regroup_samples, len(data.calib))
-    layers = organise_layers(setup.models, example)
+    layers = organise_layers(setup.models, setup.example)
     alphas = config.alphas
     result = regroup(layers, data.calib.images[:n], {t: data.calib.labels[:n, label_map[t]] for t in label_map},
                      alpha=alphas[0], alphas=alphas[1:], relative=config.relative_alpha, variant=config.regroup_variant,
                      progress=progress)
-    points = []
-    for alpha, grouping in zip(alphas, (result.grouping, *result.groupings)):
-        merged = merge(setup.models, example, grouping, layers=layers, cross_origin=config.cross_origin)
-        train = _loader(data.train, config.batch_size, seed)
-        finetune(merged, train, multilabel_loss(label_map), epochs=config.finetune_epochs, lr=config.finetune_lr,
-                 seed=seed, schedule=config.finetune_schedule, progress=progress)
-        view = read_multitask(merged)
-        weights = _parse_weights(view.tasks, config.combination_weights)
-        accuracy = evaluate_multitask(merged, data.calib, label_map)
-        points.append(StartPoint(
-            alpha=alpha, expected_flops=sum(w * cost(merged, c).flops for c, w in weights.items()),
-            sharing={name: view.grouping().sharing_ratio(name) for name in view.grouping().layer_names},
-            gap={t: accuracy[t] - setup.calib_reference[t] for t in label_map}, network=merged, train=train))
-    return result, points
+    points = [_start_point(config, setup, seed, layers, grouping, alpha, progress)
+              for alpha, grouping in zip(alphas, (result.grouping, *result.groupings))]
+    unshared = (_start_point(config, setup, seed, layers, Grouping.origin(layers), None, progress)
+                if config.compare_unshared else None)
+    return result, points, unshared
+
+
+def _start_point(config: ExperimentConfig, setup: SeedSetup, seed: int, layers: LayerMap, grouping: Grouping,
+                 alpha: float | None, progress: bool) -> StartPoint:
+    """Merge with ``grouping``, fine-tune as every method is fine-tuned, and measure the start."""
+    data, label_map = setup.data, setup.label_map
+    merged = merge(setup.models, setup.example, grouping, layers=layers, cross_origin=config.cross_origin)
+    train = _loader(data.train, config.batch_size, seed)
+    finetune(merged, train, multilabel_loss(label_map), epochs=config.finetune_epochs, lr=config.finetune_lr,
+             seed=seed, schedule=config.finetune_schedule, progress=progress)
+    view = read_multitask(merged)
+    weights = _parse_weights(view.tasks, config.combination_weights)
+    accuracy = evaluate_multitask(merged, data.calib, label_map)
+    return StartPoint(
+        alpha=alpha, expected_flops=sum(w * cost(merged, c).flops for c, w in weights.items()),
+        sharing={name: view.grouping().sharing_ratio(name) for name in view.grouping().layer_names},
+        gap={t: accuracy[t] - setup.calib_reference[t] for t in label_map}, network=merged, train=train)
 
 
 def choose_alpha(points: Sequence[StartPoint], tolerance: float) -> StartPoint:
@@ -350,6 +369,17 @@ def choose_alpha(points: Sequence[StartPoint], tolerance: float) -> StartPoint:
     if matchable:
         return min(matchable, key=lambda p: p.expected_flops)
     return max(points, key=lambda p: min(p.gap.values()))
+
+
+def choose_grouping(trajectories: Sequence[Trajectory], tolerance: float) -> int:
+    """PAM's grouping, on calibration data only (docs/pruning.md, "Choosing α"): the index of the
+    pruned candidate whose selected checkpoint has every task within ``tolerance`` and the fewest
+    expected FLOPs; when none has, the one whose selection is least below. Ties go to the first."""
+    selected = [(t.select(tolerance), t) for t in trajectories]
+    matched = [i for i, (point, t) in enumerate(selected) if t.within(point, tolerance)]
+    if matched:
+        return min(matched, key=lambda i: selected[i][0].expected_flops)
+    return min(range(len(selected)), key=lambda i: selected[i][0].deficit(selected[i][1].reference))
 
 
 def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Callable[[str], None] = print) -> SeedRun:
@@ -379,16 +409,25 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
             pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
             run.methods[method] = _baseline1(singles, pruner, config.tolerance, data.test, label_map)
         elif method == "pam":
-            run.regrouping, run.start = pam_start(config, setup, seed, progress)
+            run.regrouping, run.start, unshared = pam_start(config, setup, seed, progress)
             chosen = choose_alpha(run.start, config.tolerance)
             run.regrouping = run.regrouping.with_alpha_first(chosen.alpha)
             if len(run.start) > 1:
                 log(f"          α = {chosen.alpha:g} of {config.alphas} (calibration start: "
                     + ", ".join(f"{p.alpha:g} {p.expected_flops / 1e6:.2f} MFLOPs, worst task "
                                 f"{100 * min(p.gap.values()):+.2f} pt" for p in run.start) + ")")
-            pruner = _Pruner(config, seed, chosen.train, data.calib, label_map, calib_reference, progress)
-            run.methods[method] = _merged(method, chosen.network, pruner, config.tolerance, data.test, label_map)
-            _sharing(run, chosen.network, run.methods[method].network)
+            candidates = [chosen] if unshared is None else [chosen, unshared]
+            pruned = [_Pruner(config, seed, p.train, data.calib, label_map, calib_reference, progress)(p.network)
+                      for p in candidates]
+            pick = choose_grouping(pruned, config.tolerance)
+            if unshared is not None:
+                run.grouping = {"chosen": ("regrouped", "unshared")[pick], "expected_flops": {
+                    name: t.select(config.tolerance).expected_flops for name, t in zip(("regrouped", "unshared"), pruned)}}
+                log(f"          grouping: {run.grouping['chosen']} (pruned, calibration: "
+                    + ", ".join(f"{k} {v / 1e6:.3f} expected MFLOPs" for k, v in run.grouping["expected_flops"].items())
+                    + ")")
+            run.methods[method] = _merged(method, pruned[pick], config.tolerance, data.test, label_map)
+            _sharing(run, candidates[pick].network, run.methods[method].network)
         else:
             merged = mtz_merge(models, example, data.calib.images[:config.mtz_samples], train_loader=train, loss_fn=loss,
                                finetune_steps=config.mtz_finetune_steps, lr=config.finetune_lr, seed=seed,
@@ -396,7 +435,7 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
             finetune(merged, train, loss, epochs=config.finetune_epochs, lr=config.finetune_lr, seed=seed,
                      schedule=config.finetune_schedule, progress=progress)
             pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
-            run.methods[method] = _merged(method, merged, pruner, config.tolerance, data.test, label_map)
+            run.methods[method] = _merged(method, pruner(merged), config.tolerance, data.test, label_map)
         run.methods[method].seconds = time.perf_counter() - start
         log(f"          {run.methods[method].seconds:.0f} s; " + ", ".join(
             f"{'&'.join(tasks.ordered_names(c))} {run.methods[method].flops[c] / 1e6:.3f} MFLOPs"
@@ -429,10 +468,9 @@ def _baseline1(networks: Mapping[str, fx.GraphModule], pruner: _Pruner, toleranc
     )
 
 
-def _merged(method: str, merged: fx.GraphModule, pruner: _Pruner, tolerance: float, test: Dataset,
+def _merged(method: str, trajectory: Trajectory, tolerance: float, test: Dataset,
             label_map: Mapping[str, list[int]]) -> MethodResult:
-    """A merged network (PAM or MTZ) pruned as a whole; a combination costs its subgraph."""
-    trajectory = pruner(merged)
+    """A merged network (PAM or MTZ) pruned as a whole (its ``trajectory``); a combination costs its subgraph."""
     point, matched = _selected(trajectory, tolerance)
     combos = {c: cost(point.network, c) for c in trajectory.tasks.combinations()}
     return MethodResult(
@@ -510,6 +548,7 @@ def _seed_dict(run: SeedRun, search_tolerance: float) -> dict[str, Any]:
         "matched": {m: r.matched for m, r in run.methods.items()},
         "calib_accuracy": {m: r.calib_accuracy for m, r in run.methods.items()},
         "alpha": None if run.regrouping is None else run.regrouping.alpha,
+        "grouping": run.grouping,
         "alpha_start": [{"alpha": p.alpha, "expected_flops": p.expected_flops, "sharing": p.sharing, "calib_gap": p.gap}
                         for p in run.start],
         "sharing_ratio": run.sharing_ratio,

@@ -111,6 +111,12 @@ def format_table(results: dict[str, Any]) -> str:
     if isinstance(results["config"]["alpha"], list):
         lines.append(f"PAM's α, chosen per seed on the calibration split from {results['config']['alpha']}: "
                      + ", ".join(f"seed {run['seed']}: {run['alpha']:g}" for run in results["seeds"]))
+    chosen = [(run["seed"], run["grouping"]) for run in results["seeds"] if run.get("grouping")]
+    if chosen:
+        lines.append("PAM's grouping, chosen per seed on the calibration split after pruning the regrouped and the "
+                     "unshared merge (expected MFLOPs of each selection): " + ", ".join(
+                         f"seed {seed}: {g['chosen']} (" + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in g["expected_flops"].items())
+                         + ")" for seed, g in chosen))
     for base in summary["test_accuracy_gap_pam_minus"]:
         for task in results["tasks"]:
             gaps = [_test_accuracy(run, task, "pam") - _test_accuracy(run, task, base) for run in results["seeds"]]

@@ -10,7 +10,9 @@ import pamfx
 
 from pamfx.cli import load_config, main
 from pamfx.errors import InputError
-from pamfx.experiment import ExperimentConfig, StartPoint, choose_alpha, results_dict, run_comparison
+from pamfx.experiment import ExperimentConfig, StartPoint, choose_alpha, choose_grouping, results_dict, run_comparison
+from pamfx.ir.task_set import TaskSpace
+from pamfx.passes.prune import Checkpoint, Trajectory
 from pamfx.report import format_table, write_report
 
 TINY = dict(dataset="tiled-digits", n_train=240, n_calib=120, n_test=120, epochs=1, finetune_epochs=1,
@@ -40,12 +42,20 @@ def test_results_hold_every_seed_combination_and_the_gains(tiny_results):
         assert run["gain"]["baseline1"]["average"] == pytest.approx(sum(ratios) / 3)
         assert run["gain"]["baseline1"]["peak"] == pytest.approx(max(ratios))
         assert set(run["sharing_ratio"]) == {"merged", "pruned"}
+    for run, record in zip(runs, results["seeds"]):  # PAM kept the cheaper of its two pruned groupings
+        grouping = record["grouping"]
+        assert grouping["chosen"] in ("regrouped", "unshared") and set(grouping["expected_flops"]) == {"regrouped", "unshared"}
+        kept = run.methods["pam"].trajectories["pam"].select(results["config"]["tolerance"])
+        assert kept.expected_flops == grouping["expected_flops"][grouping["chosen"]]
+        if grouping["chosen"] == "unshared":
+            assert all(r == 0 for stage in record["sharing_ratio"].values() for r in stage.values())
     averages = [r["gain"]["baseline1"]["average"] for r in results["seeds"]]
     summary = results["summary"]["gain"]["baseline1"]["average"]
     assert summary["mean"] == pytest.approx(sum(averages) / 2)
     assert summary["std"] == pytest.approx(abs(averages[0] - averages[1]) / 2 ** 0.5)
     table = format_table(results)
     assert "digits_0_4&digits_5_9" in table and "±" in table and "2 seeds" in table
+    assert "PAM's grouping, chosen per seed" in table
 
 
 def test_the_selected_network_is_the_cheapest_matched_checkpoint(tiny_results):
@@ -110,6 +120,8 @@ def test_config_files(tmp_path):
     for bad in (-0.5, "1"):
         with pytest.raises(InputError, match="balance_spare"):
             ExperimentConfig.from_mapping({"balance_spare": bad})
+    with pytest.raises(InputError, match="compare_unshared"):
+        ExperimentConfig.from_mapping({"compare_unshared": "yes"})
 
 
 def test_cli_help_and_errors(tmp_path, capsys):
@@ -203,6 +215,29 @@ def test_alpha_is_the_cheapest_matchable_start_else_the_least_deficient(starts, 
         assert chosen in matchable and all(chosen.expected_flops <= p.expected_flops for p in matchable)
     else:
         assert all(min(chosen.gap.values()) >= min(p.gap.values()) for p in points)
+
+
+def _trajectory(points: list[tuple[float, float, float]]) -> Trajectory:
+    """Accepted checkpoints (expected FLOPs, accuracy of A, of B) against references of 0.9."""
+    trajectory = Trajectory(TaskSpace(("A", "B")), {"A": 0.9, "B": 0.9}, {})
+    trajectory.checkpoints = [Checkpoint(i, {}, f, {"A": a, "B": b}, True) for i, (f, a, b) in enumerate(points)]
+    return trajectory
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.floats(1e3, 1e7), st.floats(0.85, 0.95), st.floats(0.85, 0.95)), min_size=1,
+                         max_size=5), min_size=1, max_size=3),
+       st.floats(0, 0.03))
+def test_the_grouping_is_the_cheapest_matched_selection_else_the_least_deficient(candidates, tolerance):
+    trajectories = [_trajectory(points) for points in candidates]
+    pick = choose_grouping(trajectories, tolerance)
+    selected = [t.select(tolerance) for t in trajectories]
+    matched = [i for i, t in enumerate(trajectories) if t.within(selected[i], tolerance)]
+    if matched:
+        assert pick in matched and all(selected[pick].expected_flops <= selected[i].expected_flops for i in matched)
+    else:
+        deficits = [p.deficit(t.reference) for p, t in zip(selected, trajectories)]
+        assert deficits[pick] == min(deficits)
 
 
 def test_pam_chooses_alpha_per_seed_on_calibration_and_one_alpha_is_the_scalar_run(tmp_path):

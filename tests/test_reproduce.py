@@ -27,7 +27,7 @@ TINY = ReproductionPlan(
     tables={"4.2-P1": dict(model="lenet5", tasks=2), "4.2-P2": dict(model="lenet5", tasks=2),
             "4.4-P2": dict(model="lenet5", tasks=5, regroup_variant="simplified", width=0.25),
             "4.5-P2": dict(model="resnet", tasks=2, width=0.25)},
-    ablation=dict(model="lenet5", tasks=2, pruner="taylor", methods=["baseline1", "pam"]),
+    ablation=dict(model="lenet5", tasks=2, pruner="taylor", methods=["baseline1", "pam"], compare_unshared=False),
     alphas=[0.05, 0.5], overlaps=[0, 5], task_size=5, inclusion=(10, 5),
 )
 SECTIONS = ["Table 4.2 analogue", "Table 4.4 analogue", "Table 4.5 analogue", "Fig. 4.5 analogue", "Fig. 4.6 analogue",
@@ -111,15 +111,17 @@ def test_a_run_saved_before_a_config_key_existed_is_read_back(reproduction, tmp_
     assert saved_results(tmp_path / "4.2-P2", dataclasses.replace(config, cross_origin="absent")) is None
 
 
-def test_a_run_saved_before_a_default_changed_counts_for_the_old_behaviour_only(reproduction, tmp_path):
-    """``balance_spare`` changed what pruning computes; a record without it was computed unbounded, so it
-    counts for the `SAVED_BEFORE_KEY` value and not for the new default."""
+@pytest.mark.parametrize("key", sorted(SAVED_BEFORE_KEY))
+def test_a_run_saved_before_a_default_changed_counts_for_the_old_behaviour_only(reproduction, tmp_path, key):
+    """Each `SAVED_BEFORE_KEY` key changed what a run computes (``balance_spare``: the balance was
+    unbounded; ``compare_unshared``: PAM pruned the regrouped network only); a record without the key
+    counts for its old value and not for the new default."""
     out, _, _ = reproduction
     config = TINY.table_config("4.2-P2")
-    value, record = _saved_without(out, tmp_path / "4.2-P2", "balance_spare")
-    assert value == ExperimentConfig().balance_spare
+    value, record = _saved_without(out, tmp_path / "4.2-P2", key)
+    assert value == getattr(ExperimentConfig(), key)
     assert saved_results(tmp_path / "4.2-P2", config) is None
-    old = dataclasses.replace(config, balance_spare=SAVED_BEFORE_KEY["balance_spare"])
+    old = dataclasses.replace(config, **{key: SAVED_BEFORE_KEY[key]})
     assert saved_results(tmp_path / "4.2-P2", old) == record
 
 

@@ -32,7 +32,7 @@ def main() -> None:
     base = load_config(args.config)
     rows = []
     for alpha in args.alphas:
-        config = dataclasses.replace(base, alpha=alpha, methods=["pam"], seeds=args.seeds,
+        config = dataclasses.replace(base, alpha=alpha, methods=["pam"], seeds=args.seeds, compare_unshared=False,
                                      prune_rounds=args.rounds or base.prune_rounds)
         runs = run_comparison(config, progress=False, log=lambda line: None)
         expected = [r.methods["pam"].trajectories["pam"].select(config.tolerance).expected_flops for r in runs]

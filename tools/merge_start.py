@@ -32,10 +32,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="default: the config's seeds")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = dataclasses.replace(load_config(args.config), alpha=args.alphas)
+    config = dataclasses.replace(load_config(args.config), alpha=args.alphas, compare_unshared=False)
     per_alpha: dict[float, list[dict]] = {a: [] for a in args.alphas}
     for seed in args.seeds or config.seeds:
-        _, points = pam_start(config, seed_setup(config, seed, progress=False), seed, progress=False)
+        _, points, _ = pam_start(config, seed_setup(config, seed, progress=False), seed, progress=False)
         for point in points:
             record = {"alpha": point.alpha, "expected_mflops": point.expected_flops / 1e6, "sharing": point.sharing,
                       "gap": {t: 100 * g for t, g in point.gap.items()}}
