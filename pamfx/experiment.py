@@ -375,11 +375,11 @@ def choose_grouping(trajectories: Sequence[Trajectory], tolerance: float) -> int
     """PAM's grouping, on calibration data only (docs/pruning.md, "Choosing α"): the index of the
     pruned candidate whose selected checkpoint has every task within ``tolerance`` and the fewest
     expected FLOPs; when none has, the one whose selection is least below. Ties go to the first."""
-    selected = [(t.select(tolerance), t) for t in trajectories]
-    matched = [i for i, (point, t) in enumerate(selected) if t.within(point, tolerance)]
+    selected = [_selected(t, tolerance) for t in trajectories]
+    matched = [i for i, (_, ok) in enumerate(selected) if ok]
     if matched:
         return min(matched, key=lambda i: selected[i][0].expected_flops)
-    return min(range(len(selected)), key=lambda i: selected[i][0].deficit(selected[i][1].reference))
+    return min(range(len(selected)), key=lambda i: selected[i][0].deficit(trajectories[i].reference))
 
 
 def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Callable[[str], None] = print) -> SeedRun:
@@ -421,8 +421,9 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
                       for p in candidates]
             pick = choose_grouping(pruned, config.tolerance)
             if unshared is not None:
-                run.grouping = {"chosen": ("regrouped", "unshared")[pick], "expected_flops": {
-                    name: t.select(config.tolerance).expected_flops for name, t in zip(("regrouped", "unshared"), pruned)}}
+                names = ("regrouped", "unshared")
+                run.grouping = {"chosen": names[pick], "expected_flops": {
+                    name: t.select(config.tolerance).expected_flops for name, t in zip(names, pruned)}}
                 log(f"          grouping: {run.grouping['chosen']} (pruned, calibration: "
                     + ", ".join(f"{k} {v / 1e6:.3f} expected MFLOPs" for k, v in run.grouping["expected_flops"].items())
                     + ")")
