@@ -43,7 +43,7 @@ from pamfx.latency import Latency, check_backends, measure_latency, seed_latency
 from pamfx.passes.finetune import SCHEDULES, finetune, multilabel_loss
 from pamfx.passes.merge import CROSS_ORIGIN, as_multitask, merge
 from pamfx.passes.mtz import mtz_merge
-from pamfx.passes.prune import Checkpoint, Trajectory, check_calibration_noise, recover
+from pamfx.passes.prune import Checkpoint, Trajectory, check_calibration_noise, compose_selection, recover
 from pamfx.passes.taylor import prune_taylor
 from pamfx.passes.vib import prune_vib
 from pamfx.zoo.train import evaluate_multitask, get_or_train
@@ -57,8 +57,9 @@ METHOD_TITLES = {"baseline1": "baseline 1: every single-task network on its own"
 #: Keys added to `ExperimentConfig` whose default changed what a run computes, each with the value
 #: that computes what runs saved before the key existed did (`pamfx.reproduce` reads such a run back
 #: for that value only). ``balance_spare``: the accuracy balance was unbounded (clamped at 20);
-#: ``compare_unshared``: PAM pruned the regrouped network only.
-SAVED_BEFORE_KEY: dict[str, Any] = {"balance_spare": 20.0, "compare_unshared": False}
+#: ``compare_unshared``: PAM pruned the regrouped network only; ``component_selection``: one
+#: checkpoint was selected for all tasks, independent components or not.
+SAVED_BEFORE_KEY: dict[str, Any] = {"balance_spare": 20.0, "compare_unshared": False, "component_selection": False}
 
 
 @dataclass
@@ -81,6 +82,7 @@ class ExperimentConfig:
     alpha: float | list[float] = 0.1
     relative_alpha: bool = True
     compare_unshared: bool = True
+    component_selection: bool = True
     regroup_samples: int = 300
     regroup_variant: str = "full"
     cross_origin: str = "dense"
@@ -145,6 +147,8 @@ class ExperimentConfig:
             (0 <= self.prune_floor < 1, f"'prune_floor' must be in [0, 1), got {self.prune_floor}"),
             (isinstance(self.compare_unshared, bool),
              f"'compare_unshared' must be true or false, got {self.compare_unshared!r}"),
+            (isinstance(self.component_selection, bool),
+             f"'component_selection' must be true or false, got {self.component_selection!r}"),
             (isinstance(self.balance_spare, (int, float)) and self.balance_spare >= 0,
              f"'balance_spare' must be a number of tolerances >= 0, got {self.balance_spare!r}"),
             (self.labels is None or (isinstance(self.labels, dict) and len(self.labels) >= 2 and all(
@@ -259,10 +263,12 @@ class _Pruner:
                                    epochs=c.vib_epochs, kl_weight=c.vib_kl, kl_growth=c.vib_kl_growth,
                                    patience=c.prune_patience, checkpoints=c.vib_checkpoints,
                                    gate_lr=c.vib_lr, alternate=c.vib_alternate, lr=c.finetune_lr, **common)
+        if c.component_selection:
+            compose_selection(trajectory, evaluate, c.tolerance)
         if c.recover_candidates:
             recover(trajectory, self.train, loss, evaluate, tolerance=c.tolerance, candidates=c.recover_candidates,
                     epochs=c.recover_epochs, lr=c.finetune_lr, seed=self.seed, schedule=c.finetune_schedule,
-                    progress=self.progress)
+                    per_component=c.component_selection, progress=self.progress)
         return trajectory
 
 

@@ -13,7 +13,7 @@ from pamfx.ir.task_set import TaskSpace
 from pamfx.passes.finetune import connection_masks, multilabel_loss
 from pamfx.passes.merge import as_multitask
 from pamfx.passes.prune import (Checkpoint, Trajectory, accuracy_standard_error, check_calibration_noise,
-                                iterative_prune, recover)
+                                compose_selection, iterative_prune, recover)
 from pamfx.passes.taylor import channel_importance, channels_to_remove, prune_taylor, taylor_importance
 from pamfx.passes.vib import fold_and_prune, gateable_layers, gated_network, prune_vib
 from tests.conftest import example_input, model_set
@@ -384,6 +384,73 @@ def test_recovery_bisects_for_the_cheapest_checkpoint_that_comes_back(recoverabl
     assert point is trajectory.select(0.005) and point.round == cheaper[recoverable].round
     assert point.expected_flops == cheaper[recoverable].expected_flops and point.network is not cheaper[recoverable].network
     assert all(torch.equal(before[k], v) for k, v in cheaper[0].network.state_dict().items())
+
+
+def unshared_trajectory(rounds: int = 6):
+    """P2 on the unshared merge of two networks, every round accepted (accuracies set by the caller)."""
+    models = two_output_models("lenet5", 2)
+    layers = pamfx.organise_layers(models, example_input())
+    merged = pamfx.merge(models, example_input(), pamfx.Grouping.origin(layers), layers=layers)
+    loader, label_map = synthetic_task_data(2)
+    loss = multilabel_loss(label_map)
+    trajectory = prune_taylor(merged, loader, loss, lambda net: {"A": 1.0, "B": 1.0}, reference={"A": 1.0, "B": 1.0},
+                              weights=combination_weights(TaskSpace(("A", "B"))), search_tolerance=0.0,
+                              step_fraction=0.2, finetune_steps=1, max_rounds=rounds, importance_batches=1,
+                              progress=False)
+    assert len(trajectory.accepted()) == rounds + 1
+    return trajectory, loader, loss
+
+
+def task_outputs(network, task):
+    with torch.no_grad():
+        return network.eval()(example_input(batch=4, seed=5))[task]
+
+
+def test_each_independent_component_stops_at_its_own_selection():
+    trajectory, _, _ = unshared_trajectory()
+    assert trajectory.components() == [1, 2]
+    for point in trajectory.checkpoints:  # A is 1 point short from round 3 on, B never
+        point.accuracy = {"A": 0.99 if point.round >= 3 else 1.0, "B": 1.0}
+    joint = trajectory.select(0.005)
+    assert joint.round == 2
+    composed = compose_selection(trajectory, lambda net: {"A": 1.0, "B": 1.0}, 0.005)
+    a, b = trajectory.checkpoints[2], trajectory.checkpoints[6]
+    assert composed is trajectory.select(0.005) and composed.round == 6
+    assert composed.flops == {1: a.flops[1], 2: b.flops[2], 3: a.flops[1] + b.flops[2]}
+    assert all(composed.flops[c] <= joint.flops[c] for c in composed.flops) and composed.flops[2] < joint.flops[2]
+    assert torch.allclose(task_outputs(composed.network, "A"), task_outputs(a.network, "A"), atol=1e-6)
+    assert torch.allclose(task_outputs(composed.network, "B"), task_outputs(b.network, "B"), atol=1e-6)
+    assert_emit_equivalent(composed.network)
+    # one network of coupled tasks: nothing to compose
+    shared = Trajectory(TaskSpace(("A", "B")), {"A": 1.0, "B": 1.0}, combination_weights(TaskSpace(("A", "B"))))
+    shared.record(0, merged_network("lenet5"), {"A": 1.0, "B": 1.0}, accepted=True)
+    assert shared.components() == [3] and compose_selection(shared, lambda net: {}, 0.005) is None
+
+
+@pytest.mark.parametrize("recoverable", [(0, 2), (4, 6), (6, 1)])
+def test_recovery_bisects_for_every_independent_component_at_once(recoverable):
+    trajectory, loader, loss = unshared_trajectory()
+    for point in trajectory.checkpoints:  # every pruned checkpoint 1 point short on both tasks
+        point.accuracy = {"A": 0.99, "B": 0.99} if point.round else {"A": 1.0, "B": 1.0}
+    start = trajectory.checkpoints[0].flops
+    cheaper = {t: sorted(p.flops[bit] for p in trajectory.accepted() if p.flops[bit] < start[bit])
+               for t, bit in (("A", 1), ("B", 2))}
+    # task t comes back iff its component is no cheaper than its `recoverable`-th cheapest pruned
+    # checkpoint's (past the last: never; the unpruned network is within the tolerance)
+    thresholds = {t: cheaper[t][r] if r < len(cheaper[t]) else math.inf for t, r in zip("AB", recoverable)}
+    tried = []
+
+    def evaluate(net):
+        flops = {t: pamfx.cost(net, t).flops for t in "AB"}
+        tried.append(flops)
+        return {t: 1.0 if flops[t] >= thresholds[t] or flops[t] == start[trajectory.tasks.bit(t)] else 0.99
+                for t in "AB"}
+
+    point = recover(trajectory, loader, loss, evaluate, tolerance=0.005, candidates=3, epochs=1, progress=False)
+    assert len(tried) <= 4  # 3 fine-tunes bisect both components; one evaluation of the composition
+    assert point is trajectory.select(0.005)
+    for t, r, bit in zip("AB", recoverable, (1, 2)):
+        assert point.flops[bit] == (cheaper[t][r] if r < len(cheaper[t]) else start[bit])
 
 
 def test_task_balance_weighs_up_the_task_nearest_its_tolerance():

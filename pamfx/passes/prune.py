@@ -32,8 +32,10 @@ from torch import fx
 
 from pamfx.analysis.cost import merged_cost
 from pamfx.analysis.multitask_view import read_multitask
+from pamfx.analysis.task_components import task_components
 from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet, TaskSpace
+from pamfx.passes.compose_components import compose_components
 from pamfx.passes.finetune import TaskLoss, finetune
 from pamfx.passes.select_channels import select_channels
 from pamfx.progress import progress_bar
@@ -56,9 +58,15 @@ class Checkpoint:
     accepted: bool
     network: fx.GraphModule | None = None
 
-    def deficit(self, reference: Mapping[str, float]) -> float:
-        """The largest accuracy drop below the reference over the tasks (negative: all above)."""
-        return max(reference[t] - a for t, a in self.accuracy.items())
+    def deficit(self, reference: Mapping[str, float], tasks: Iterable[str] | None = None) -> float:
+        """The largest accuracy drop below the reference over ``tasks`` (default all; negative: all above)."""
+        names = self.accuracy if tasks is None else tasks
+        return max(reference[t] - self.accuracy[t] for t in names)
+
+    def component_flops(self, component: TaskSet, weights: Mapping[TaskSet, float]) -> float:
+        """The expected FLOPs of an independent component's channels, Σ_S w(S)·FLOPs(S ∩ component);
+        for all tasks, `expected_flops` (the same sum, in the same order)."""
+        return sum(weights[s] * self.flops[s & component] for s in self.flops if s & component)
 
 
 @dataclass
@@ -87,16 +95,33 @@ class Trajectory:
         When no checkpoint qualifies (the unpruned network itself is below the reference), the one
         with the smallest accuracy deficit is returned; `within` tells the caller.
         """
+        return self.select_components(tolerance, [self.tasks.all])[self.tasks.all]
+
+    def within(self, checkpoint: Checkpoint, tolerance: float, tasks: Iterable[str] | None = None) -> bool:
+        return checkpoint.deficit(self.reference, tasks) <= tolerance + 1e-12
+
+    def components(self) -> list[TaskSet]:
+        """The independent task components of the unpruned network (`task_components`); pruning
+        only removes channels, so they stay independent in every checkpoint."""
+        return task_components(read_multitask(self.checkpoints[0].network))
+
+    def select_components(self, tolerance: float, components: Iterable[TaskSet]) -> dict[TaskSet, Checkpoint]:
+        """`select` per independent component: the accepted checkpoint cheapest in the component's
+        expected FLOPs with the component's tasks within ``tolerance`` (else the least deficient
+        for them). For the single component of all tasks, exactly `select`."""
         candidates = self.accepted()
         if not candidates:
             raise InputError("the trajectory has no accepted checkpoint")
-        matched = [c for c in candidates if self.within(c, tolerance)]
-        if matched:
-            return min(matched, key=lambda c: (c.expected_flops, c.round))
-        return min(candidates, key=lambda c: (c.deficit(self.reference), c.expected_flops))
-
-    def within(self, checkpoint: Checkpoint, tolerance: float) -> bool:
-        return checkpoint.deficit(self.reference) <= tolerance + 1e-12
+        chosen = {}
+        for component in components:
+            names = self.tasks.ordered_names(component)
+            matched = [c for c in candidates if self.within(c, tolerance, names)]
+            if matched:
+                chosen[component] = min(matched, key=lambda c: (c.component_flops(component, self.weights), c.round))
+            else:
+                chosen[component] = min(candidates, key=lambda c: (c.deficit(self.reference, names),
+                                                                   c.component_flops(component, self.weights)))
+        return chosen
 
 
 def channel_key(record_origins: tuple[tuple[str, int], ...], layer: str, channel: int) -> tuple[str, str, int]:
@@ -197,6 +222,20 @@ def iterative_prune(
     return trajectory
 
 
+def compose_selection(trajectory: Trajectory, evaluate: Evaluate, tolerance: float) -> Checkpoint | None:
+    """Where the pruned network has independent components (`task_components`; the unshared merge
+    has one per task), let each stop at its own selection: record the network composed of every
+    component's `Trajectory.select_components` checkpoint (`compose_components`), evaluated on the
+    calibration split, and return it (None where one checkpoint is every component's selection).
+    Each task computes what it computes in its component's checkpoint, so the composition is
+    within the tolerance wherever those are, and no dearer in any combination than `select`."""
+    chosen = trajectory.select_components(tolerance, trajectory.components())
+    if len({id(point) for point in chosen.values()}) == 1:
+        return None
+    network = compose_components({c: p.network for c, p in chosen.items()}, base=trajectory.checkpoints[0].network)
+    return trajectory.record(max(p.round for p in chosen.values()), network, evaluate(network), accepted=True)
+
+
 def recover(
     trajectory: Trajectory,
     train_loader: Iterable,
@@ -209,6 +248,7 @@ def recover(
     lr: float = 1e-3,
     seed: int = 0,
     schedule: str = "cosine",
+    per_component: bool = True,
     progress: bool = True,
 ) -> Checkpoint | None:
     """Fine-tune accepted checkpoints cheaper than the current selection for ``epochs`` and add
@@ -219,28 +259,47 @@ def recover(
     cheaper checkpoints: ``candidates`` fine-tunes find the cheapest recoverable one among
     2^candidates − 1 of them (the cheapest three were tried in turn before; on merged networks,
     whose cheapest checkpoints are far below the tolerance, that spent every fine-tune where none
-    could succeed). The trajectory's networks are not modified."""
+    could succeed). With ``per_component``, a network with independent components
+    (`Trajectory.components`) bisects for each component at once: every fine-tune trains the composition of the components' current
+    candidates (`compose_components`), and each component judges it by its own tasks; the
+    recovered components are composed at the end. The trajectory's networks are not modified."""
     if candidates < 0 or epochs < 1:
         raise InputError(f"need candidates >= 0 and epochs >= 1, got {candidates} and {epochs}")
-    chosen = trajectory.select(tolerance)
-    cheaper = sorted((p for p in trajectory.accepted() if p.expected_flops < chosen.expected_flops),
-                     key=lambda p: p.expected_flops)
-    low, high, found = 0, len(cheaper), None
-    with progress_bar(total=min(candidates, len(cheaper).bit_length()), desc="recover", enabled=progress) as bar:
+    components = trajectory.components() if per_component else [trajectory.tasks.all]
+    chosen = trajectory.select_components(tolerance, components)
+    cheaper = {}
+    for c in components:
+        def flops(p: Checkpoint, c: TaskSet = c) -> float:
+            return p.component_flops(c, trajectory.weights)
+        cheaper[c] = sorted((p for p in trajectory.accepted() if flops(p) < flops(chosen[c])), key=flops)
+    bounds = {c: (0, len(cheaper[c])) for c in components}
+    found: dict[TaskSet, tuple[Checkpoint, fx.GraphModule, dict[str, float]]] = {}
+    steps = max(len(points).bit_length() for points in cheaper.values())
+    with progress_bar(total=min(candidates, steps), desc="recover", enabled=progress) as bar:
         for _ in range(candidates):
-            if low >= high:
+            picks = {c: cheaper[c][(low + high) // 2] for c, (low, high) in bounds.items() if low < high}
+            if not picks:
                 break
-            middle = (low + high) // 2
-            point = cheaper[middle]
-            network = finetune(copy.deepcopy(point.network), train_loader, loss_fn, epochs=epochs, lr=lr,
-                               recalibrate_bn=False, seed=seed + point.round, schedule=schedule, progress=False)
+            network = (copy.deepcopy(next(iter(picks.values())).network) if len(components) == 1 else
+                       compose_components({c: picks[c].network if c in picks else chosen[c].network for c in components},
+                                          base=trajectory.checkpoints[0].network))
+            network = finetune(network, train_loader, loss_fn, epochs=epochs, lr=lr, recalibrate_bn=False,
+                               seed=seed + max(p.round for p in picks.values()), schedule=schedule, progress=False)
             accuracy = evaluate(network)
-            if all(accuracy[t] >= trajectory.reference[t] - tolerance for t in accuracy):
-                found, high = (point, network, accuracy), middle
-            else:
-                low = middle + 1
+            for c, point in picks.items():
+                low, high = bounds[c]
+                middle = (low + high) // 2
+                if all(accuracy[t] >= trajectory.reference[t] - tolerance for t in trajectory.tasks.ordered_names(c)):
+                    found[c], bounds[c] = (point, network, accuracy), (low, middle)
+                else:
+                    bounds[c] = (middle + 1, high)
             bar.update(1)
-    if found is None:
+    if not found:
         return None
-    point, network, accuracy = found
-    return trajectory.record(point.round, network, accuracy, accepted=True)
+    if len(components) == 1:
+        point, network, accuracy = found[components[0]]
+        return trajectory.record(point.round, network, accuracy, accepted=True)
+    network = compose_components({c: found[c][1] if c in found else chosen[c].network for c in components},
+                                 base=trajectory.checkpoints[0].network)
+    rounds = [found[c][0].round if c in found else chosen[c].round for c in components]
+    return trajectory.record(max(rounds), network, evaluate(network), accepted=True)

@@ -27,7 +27,8 @@ from pamfx.ir.task_set import TaskSet
 from pamfx.passes.module_surgery import channel_tensors, rebuild, set_module
 
 
-def _feature_index(index: torch.Tensor, block: int) -> torch.Tensor:
+def feature_index(index: torch.Tensor, block: int) -> torch.Tensor:
+    """The input-feature indices of channels ``index`` when each channel feeds ``block`` features (H·W after a flatten)."""
     return (index[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
 
 
@@ -89,7 +90,7 @@ def select_from_view(view: MultitaskView, keep: Mapping[str, Sequence[int]]) -> 
             cols = index[info.source]
             block = view.layers.nodes[node.args[0].name].block
             weight = tensors.get("weight", module.weight)
-            tensors["weight"] = weight.index_select(1, _feature_index(cols, block))
+            tensors["weight"] = weight.index_select(1, feature_index(cols, block))
             mask = mask.index_select(1, cols)
         if tensors:
             set_module(new, node.target, rebuild(module, **tensors))
