@@ -277,9 +277,10 @@ def _paper_gains(rows: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]]
 
 def _same_networks(a: ExperimentConfig, b: ExperimentConfig) -> bool:
     """Whether two configurations train and prune the same single-task networks, whatever their α, methods,
-    unshared candidate and latency timing."""
+    unshared candidate, handling of independent components (one network has one) and latency timing."""
     def networks(c: ExperimentConfig) -> ExperimentConfig:
-        return dataclasses.replace(c, alpha=0.0, methods=["pam"], latency=False, compare_unshared=False)
+        return dataclasses.replace(c, alpha=0.0, methods=["pam"], latency=False, compare_unshared=False,
+                                   components_apart=False)
     return networks(a) == networks(b)
 
 

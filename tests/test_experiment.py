@@ -120,8 +120,9 @@ def test_config_files(tmp_path):
     for bad in (-0.5, "1"):
         with pytest.raises(InputError, match="balance_spare"):
             ExperimentConfig.from_mapping({"balance_spare": bad})
-    with pytest.raises(InputError, match="compare_unshared"):
-        ExperimentConfig.from_mapping({"compare_unshared": "yes"})
+    for key in ("compare_unshared", "components_apart"):
+        with pytest.raises(InputError, match=key):
+            ExperimentConfig.from_mapping({key: "yes"})
 
 
 def test_cli_help_and_errors(tmp_path, capsys):

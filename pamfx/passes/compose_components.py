@@ -23,9 +23,6 @@ from pamfx.ir.task_set import TaskSet
 from pamfx.passes.module_surgery import channel_tensors
 from pamfx.passes.select_channels import feature_index, select_channels
 
-Key = tuple[str, int]  # a channel's origin (task, index): its identity through channel selection
-
-
 def compose_components(donors: Mapping[TaskSet, fx.GraphModule], base: fx.GraphModule | None = None) -> fx.GraphModule:
     """One merged network whose component ``c`` (a key of ``donors``) is ``donors[c]``'s.
 
@@ -56,14 +53,14 @@ def compose_components(donors: Mapping[TaskSet, fx.GraphModule], base: fx.GraphM
         if origin is None:
             raise InputError("compose_components: no donor holds every channel the others keep; pass the network "
                              "they were pruned from as base")
-    composed = select_channels(origin.gm, {name: [i for i, key in enumerate(rec.origins) if key in wanted[name]]
-                                           for name, rec in origin.records.items() if name not in origin.fixed_layers})
-    out = read_multitask(composed)
+    out = read_multitask(select_channels(origin.gm, {
+        name: [i for i, key in enumerate(rec.origins) if key in wanted[name]]
+        for name, rec in origin.records.items() if name not in origin.fixed_layers}))
     with torch.no_grad():
         for component, view in views.items():
             if view is not origin:
                 _graft(out, view, component)
-    return composed
+    return out.gm
 
 
 def _channels(task_sets: tuple[int, ...], component: TaskSet) -> list[int]:

@@ -19,10 +19,16 @@ first conv layer, say) does not end the search for cheaper channels elsewhere.
 `recover` is the long fine-tune of the authors' schedule, given to every method alike: accepted
 checkpoints cheaper than the selection (they missed the tolerance) are fine-tuned for longer,
 searched by bisection, and the cheapest that comes back within the tolerance is kept.
+
+Tasks that share no channel are independent components (`pamfx.analysis.task_components`); each
+can stop at its own checkpoint (`Trajectory.select_components`), and `compose_selection` records
+the network composed of those parts (`pamfx.passes.compose_components`). `recover` bisects for
+every component at once.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +37,7 @@ from typing import Callable, Iterable, Mapping
 from torch import fx
 
 from pamfx.analysis.cost import merged_cost
-from pamfx.analysis.multitask_view import read_multitask
+from pamfx.analysis.multitask_view import MultitaskView, read_multitask
 from pamfx.analysis.task_components import task_components
 from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet, TaskSpace
@@ -43,7 +49,9 @@ from pamfx.progress import progress_bar
 Evaluate = Callable[[fx.GraphModule], Mapping[str, float]]
 #: ``propose(checkpoint, flops_budget, protected) -> {layer: [channels to remove]}``: the channels a
 #: round removes from the current checkpoint's network (its calibration accuracies may steer the
-#: choice), never a channel of ``protected`` (``(layer, origin)`` pairs, see `channel_key`).
+#: choice), never a channel of ``protected`` (``(layer, origin)`` pairs, see `channel_key`). A round
+#: that prunes independent components apart asks once per component with the same checkpoint
+#: object, and each round with a new one, so a pruner may score channels once per checkpoint object.
 Propose = Callable[["Checkpoint", float, set], Mapping[str, list[int]]]
 
 
@@ -177,6 +185,7 @@ def iterative_prune(
     patience: int = 3,
     seed: int = 0,
     schedule: str = "cosine",
+    per_component: bool = False,
     progress: bool = True,
 ) -> Trajectory:
     """Prune ``gm`` round by round (see the module docstring); ``gm`` itself is not modified.
@@ -185,6 +194,13 @@ def iterative_prune(
     FLOPs, removes them (`select_channels`), fine-tunes ``finetune_steps`` minibatches and
     evaluates on calibration data. ``floor`` is the fraction of the initial expected FLOPs at
     which pruning stops; ``schedule`` is the fine-tune's learning-rate schedule (`finetune`).
+
+    With ``per_component``, the independent components of ``gm`` (`task_components`) are pruned
+    apart in the same rounds, as if each were pruned on its own: each has its own step, failure
+    count and patience, ``propose`` is asked for each component's channels (the others protected),
+    and a round keeps the pruned and fine-tuned version of the components whose tasks stayed within
+    ``search_tolerance`` and the previous version of the others, those that failed or were done
+    (`compose_components`).
     """
     if not 0 < step_fraction <= 1:
         raise InputError(f"step_fraction must be in (0, 1], got {step_fraction}")
@@ -193,33 +209,62 @@ def iterative_prune(
     tasks = read_multitask(gm).tasks
     trajectory = Trajectory(tasks, dict(reference), dict(weights))
     current = trajectory.record(0, gm, evaluate(gm), accepted=True)
-    start, fraction, failures = current.expected_flops, step_fraction, 0
+    components = trajectory.components() if per_component else [tasks.all]
+    start = current.expected_flops
+    fraction, failures = dict.fromkeys(components, step_fraction), dict.fromkeys(components, 0)
     protected: set[tuple[str, str, int]] = set()
     with progress_bar(total=max_rounds, desc="prune", enabled=progress) as bar:
         for round_ in range(1, max_rounds + 1):
-            if current.expected_flops <= floor * start or failures >= patience:
-                break
-            removal = {k: v for k, v in propose(current, fraction * current.expected_flops, protected).items() if v}
-            if not removal:
+            active = [c for c in components if failures[c] < patience]
+            if current.expected_flops <= floor * start or not active:
                 break
             view = read_multitask(current.network)
+            asked, proposals = dataclasses.replace(current), {}  # one object per round: a pruner scores once a round
+            for c in active:
+                others = protected | _other_channels(view, c)
+                removal = {k: v for k, v in propose(asked, fraction[c] * current.component_flops(c, weights),
+                                                    others).items() if v}
+                if removal:
+                    proposals[c] = removal
+            if not proposals:
+                break
+            removal: dict[str, list[int]] = {}
+            for part in proposals.values():
+                for layer, channels in part.items():
+                    removal.setdefault(layer, []).extend(channels)
             keep = {layer: [c for c in range(view.records[layer].width) if c not in set(cs)] for layer, cs in removal.items()}
             candidate = finetune(select_channels(current.network, keep), train_loader, loss_fn, epochs=0,
                                  max_steps=finetune_steps, lr=lr, recalibrate_bn=False, seed=seed + round_, schedule=schedule,
                                  progress=False)
             accuracy = evaluate(candidate)
-            ok = all(accuracy[t] >= reference[t] - search_tolerance for t in accuracy)
-            point = trajectory.record(round_, candidate, accuracy, accepted=ok)
-            if ok:
-                current, failures, fraction = point, 0, min(step_fraction, 2 * fraction)
-            else:
-                fraction, failures = fraction / 2, failures + 1
-                if sum(len(v) for v in removal.values()) == 1:
-                    (layer, (c,)), = removal.items()
-                    protected.add(channel_key(view.records[layer].origins, layer, c))
+            ok = {c: all(accuracy[t] >= reference[t] - search_tolerance for t in tasks.ordered_names(c))
+                  for c in proposals}
+            taken = {c: ok.get(c, False) for c in components}  # a component not pruned this round stays as it was
+            if all(taken.values()) or not any(taken.values()):
+                point = trajectory.record(round_, candidate, accuracy, accepted=all(taken.values()))
+            else:  # some components pruned, the others as they were: independent, so exact
+                network = compose_components({c: candidate if taken[c] else current.network for c in components},
+                                             base=trajectory.checkpoints[0].network)
+                point = trajectory.record(round_, network, evaluate(network), accepted=True)
+            for c, removal in proposals.items():
+                if ok[c]:
+                    failures[c], fraction[c] = 0, min(step_fraction, 2 * fraction[c])
+                else:
+                    fraction[c], failures[c] = fraction[c] / 2, failures[c] + 1
+                    if sum(len(v) for v in removal.values()) == 1:
+                        (layer, (ch,)), = removal.items()
+                        protected.add(channel_key(view.records[layer].origins, layer, ch))
+            if point.accepted:
+                current = point
             bar.update(1)
-            bar.set_postfix(mflops=f"{current.expected_flops / 1e6:.3f}", ok=ok)
+            bar.set_postfix(mflops=f"{current.expected_flops / 1e6:.3f}", ok=point.accepted)
     return trajectory
+
+
+def _other_channels(view: MultitaskView, component: TaskSet) -> set[tuple[str, str, int]]:
+    """The `channel_key` of every channel outside ``component`` (none when it holds every task)."""
+    return {channel_key(rec.origins, name, c) for name, rec in view.records.items()
+            for c, t in enumerate(rec.task_sets) if not t & component}
 
 
 def compose_selection(trajectory: Trajectory, evaluate: Evaluate, tolerance: float) -> Checkpoint | None:

@@ -162,15 +162,18 @@ def prune_taylor(
     one task), spare accuracy counting for at most ``balance_spare`` tolerances; ``exclusive=False``
     prunes the shared groups only (`channels_to_remove`). ``loop`` takes the round-loop options of
     `iterative_prune` (``step_fraction``, ``finetune_steps``, ``lr``, ``floor``, ``max_rounds``,
-    ``patience``, ``seed``, ``schedule``, ``progress``).
+    ``patience``, ``seed``, ``schedule``, ``per_component``, ``progress``).
     """
+    scored: dict[str, object] = {}  # this round's scores: a round may ask once per component (`Propose`)
+
     def propose(point: Checkpoint, budget: float, protected: set) -> dict[str, list[int]]:
         network = point.network
-        lam = (task_balance(point.accuracy, reference, tolerance if tolerance is not None else search_tolerance,
-                            balance_spare) if balance else None)
-        importance = channel_importance(network, taylor_importance(network, train_loader, loss_fn, importance_batches), lam)
-        return channels_to_remove(network, importance, expected_channel_flops(network, weights), budget, protected,
-                                  exclusive)
+        if scored.get("point") is not point:
+            lam = (task_balance(point.accuracy, reference, tolerance if tolerance is not None else search_tolerance,
+                                balance_spare) if balance else None)
+            scored.update(point=point, cost=expected_channel_flops(network, weights), importance=channel_importance(
+                network, taylor_importance(network, train_loader, loss_fn, importance_batches), lam))
+        return channels_to_remove(network, scored["importance"], scored["cost"], budget, protected, exclusive)
 
     return iterative_prune(gm, propose, train_loader, loss_fn, evaluate, reference=reference, weights=weights,
                            search_tolerance=search_tolerance, **loop)
