@@ -20,10 +20,10 @@ first conv layer, say) does not end the search for cheaper channels elsewhere.
 checkpoints cheaper than the selection (they missed the tolerance) are fine-tuned for longer,
 searched by bisection, and the cheapest that comes back within the tolerance is kept.
 
-Tasks that share no channel are independent components (`pamfx.analysis.task_components`); each
-can stop at its own checkpoint (`Trajectory.select_components`), and `compose_selection` records
-the network composed of those parts (`pamfx.passes.compose_components`). `recover` bisects for
-every component at once.
+Tasks that share no channel are independent components (`pamfx.analysis.task_components`). With
+``per_component`` they are pruned apart in the same rounds (`iterative_prune`) and recovered apart
+(`recover`); each can stop at its own checkpoint (`Trajectory.select_components`), and
+`compose_selection` records the network composed of those parts (`pamfx.passes.compose_components`).
 """
 from __future__ import annotations
 
