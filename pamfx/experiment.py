@@ -57,9 +57,9 @@ METHOD_TITLES = {"baseline1": "baseline 1: every single-task network on its own"
 #: Keys added to `ExperimentConfig` whose default changed what a run computes, each with the value
 #: that computes what runs saved before the key existed did (`pamfx.reproduce` reads such a run back
 #: for that value only). ``balance_spare``: the accuracy balance was unbounded (clamped at 20);
-#: ``compare_unshared``: PAM pruned the regrouped network only; ``components_apart``: independent
-#: task components were pruned, selected and recovered together.
-SAVED_BEFORE_KEY: dict[str, Any] = {"balance_spare": 20.0, "compare_unshared": False, "components_apart": False}
+#: ``compare_unshared``: PAM pruned the regrouped network only; ``component_selection``: independent
+#: task components were selected and recovered together.
+SAVED_BEFORE_KEY: dict[str, Any] = {"balance_spare": 20.0, "compare_unshared": False, "component_selection": False}
 
 
 @dataclass
@@ -82,7 +82,8 @@ class ExperimentConfig:
     alpha: float | list[float] = 0.1
     relative_alpha: bool = True
     compare_unshared: bool = True
-    components_apart: bool = True
+    component_selection: bool = True
+    component_rounds: bool = False
     regroup_samples: int = 300
     regroup_variant: str = "full"
     cross_origin: str = "dense"
@@ -147,8 +148,10 @@ class ExperimentConfig:
             (0 <= self.prune_floor < 1, f"'prune_floor' must be in [0, 1), got {self.prune_floor}"),
             (isinstance(self.compare_unshared, bool),
              f"'compare_unshared' must be true or false, got {self.compare_unshared!r}"),
-            (isinstance(self.components_apart, bool),
-             f"'components_apart' must be true or false, got {self.components_apart!r}"),
+            (isinstance(self.component_selection, bool),
+             f"'component_selection' must be true or false, got {self.component_selection!r}"),
+            (isinstance(self.component_rounds, bool),
+             f"'component_rounds' must be true or false, got {self.component_rounds!r}"),
             (isinstance(self.balance_spare, (int, float)) and self.balance_spare >= 0,
              f"'balance_spare' must be a number of tolerances >= 0, got {self.balance_spare!r}"),
             (self.labels is None or (isinstance(self.labels, dict) and len(self.labels) >= 2 and all(
@@ -258,18 +261,18 @@ class _Pruner:
                                 finetune_steps=c.prune_finetune_steps, lr=c.finetune_lr, floor=c.prune_floor,
                                 schedule=c.finetune_schedule,
                                 max_rounds=c.prune_rounds, patience=c.prune_patience,
-                                per_component=c.components_apart, **common)
+                                per_component=c.component_rounds, **common)
         else:
             trajectory = prune_vib(network, self.train, loss, evaluate, search_tolerance=c.search_tolerance,
                                    epochs=c.vib_epochs, kl_weight=c.vib_kl, kl_growth=c.vib_kl_growth,
                                    patience=c.prune_patience, checkpoints=c.vib_checkpoints,
                                    gate_lr=c.vib_lr, alternate=c.vib_alternate, lr=c.finetune_lr, **common)
-        if c.components_apart:
+        if c.component_selection:
             compose_selection(trajectory, evaluate, c.tolerance)
         if c.recover_candidates:
             recover(trajectory, self.train, loss, evaluate, tolerance=c.tolerance, candidates=c.recover_candidates,
                     epochs=c.recover_epochs, lr=c.finetune_lr, seed=self.seed, schedule=c.finetune_schedule,
-                    per_component=c.components_apart, progress=self.progress)
+                    per_component=c.component_selection, progress=self.progress)
         return trajectory
 
 

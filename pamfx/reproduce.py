@@ -280,7 +280,7 @@ def _same_networks(a: ExperimentConfig, b: ExperimentConfig) -> bool:
     unshared candidate, handling of independent components (one network has one) and latency timing."""
     def networks(c: ExperimentConfig) -> ExperimentConfig:
         return dataclasses.replace(c, alpha=0.0, methods=["pam"], latency=False, compare_unshared=False,
-                                   components_apart=False)
+                                   component_selection=False, component_rounds=False)
     return networks(a) == networks(b)
 
 

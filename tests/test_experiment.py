@@ -120,7 +120,7 @@ def test_config_files(tmp_path):
     for bad in (-0.5, "1"):
         with pytest.raises(InputError, match="balance_spare"):
             ExperimentConfig.from_mapping({"balance_spare": bad})
-    for key in ("compare_unshared", "components_apart"):
+    for key in ("compare_unshared", "component_selection", "component_rounds"):
         with pytest.raises(InputError, match=key):
             ExperimentConfig.from_mapping({key: "yes"})
 
