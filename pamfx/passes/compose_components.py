@@ -19,9 +19,10 @@ from pamfx.analysis.layer_organisation import NodeInfo
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
 from pamfx.analysis.task_components import task_components
 from pamfx.errors import InputError, IRError
-from pamfx.ir.task_set import TaskSet
+from pamfx.ir.task_set import TaskSet, active
 from pamfx.passes.module_surgery import channel_tensors
 from pamfx.passes.select_channels import feature_index, select_channels
+
 
 def compose_components(donors: Mapping[TaskSet, fx.GraphModule], base: fx.GraphModule | None = None) -> fx.GraphModule:
     """One merged network whose component ``c`` (a key of ``donors``) is ``donors[c]``'s.
@@ -38,7 +39,7 @@ def compose_components(donors: Mapping[TaskSet, fx.GraphModule], base: fx.GraphM
     first = next(iter(views.values()))
     _check_components(views, first)
     wanted = {name: {v.records[name].origins[i] for c, v in views.items()
-                     for i in _channels(v.records[name].task_sets, c)} for name in first.records}
+                     for i in active(v.records[name].task_sets, c)} for name in first.records}
 
     def holds_all(view: MultitaskView) -> bool:
         return set(view.records) == set(wanted) and all(wanted[n] <= set(r.origins) for n, r in view.records.items())
@@ -63,10 +64,6 @@ def compose_components(donors: Mapping[TaskSet, fx.GraphModule], base: fx.GraphM
     return out.gm
 
 
-def _channels(task_sets: tuple[int, ...], component: TaskSet) -> list[int]:
-    return [i for i, t in enumerate(task_sets) if t & component]
-
-
 def _check_components(views: Mapping[TaskSet, MultitaskView], first: MultitaskView) -> None:
     keys = list(views)
     if sum(keys) != first.tasks.all or any(a & b for i, a in enumerate(keys) for b in keys[i + 1:]):
@@ -89,7 +86,7 @@ def _rows(out: MultitaskView, donor: MultitaskView, layer: str | None, component
         return None
     index = {key: i for i, key in enumerate(donor.records[layer].origins)}
     rec = out.records[layer]
-    mine = _channels(rec.task_sets, component)
+    mine = active(rec.task_sets, component)
     return torch.tensor(mine, dtype=torch.long), torch.tensor([index[rec.origins[i]] for i in mine], dtype=torch.long)
 
 

@@ -113,6 +113,11 @@ class Trajectory:
         only removes channels, so they stay independent in every checkpoint."""
         return task_components(read_multitask(self.checkpoints[0].network))
 
+    def compose(self, parts: Mapping[TaskSet, fx.GraphModule]) -> fx.GraphModule:
+        """One network whose component ``c`` is ``parts[c]``'s, all pruned from this trajectory's start
+        (`compose_components`)."""
+        return compose_components(parts, base=self.checkpoints[0].network)
+
     def select_components(self, tolerance: float, components: Iterable[TaskSet]) -> dict[TaskSet, Checkpoint]:
         """`select` per independent component: the accepted checkpoint cheapest in the component's
         expected FLOPs with the component's tasks within ``tolerance`` (else the least deficient
@@ -243,8 +248,7 @@ def iterative_prune(
             if all(taken.values()) or not any(taken.values()):
                 point = trajectory.record(round_, candidate, accuracy, accepted=all(taken.values()))
             else:  # some components pruned, the others as they were: independent, so exact
-                network = compose_components({c: candidate if taken[c] else current.network for c in components},
-                                             base=trajectory.checkpoints[0].network)
+                network = trajectory.compose({c: candidate if taken[c] else current.network for c in components})
                 point = trajectory.record(round_, network, evaluate(network), accepted=True)
             for c, removal in proposals.items():
                 if ok[c]:
@@ -277,7 +281,7 @@ def compose_selection(trajectory: Trajectory, evaluate: Evaluate, tolerance: flo
     chosen = trajectory.select_components(tolerance, trajectory.components())
     if len({id(point) for point in chosen.values()}) == 1:
         return None
-    network = compose_components({c: p.network for c, p in chosen.items()}, base=trajectory.checkpoints[0].network)
+    network = trajectory.compose({c: p.network for c, p in chosen.items()})
     return trajectory.record(max(p.round for p in chosen.values()), network, evaluate(network), accepted=True)
 
 
@@ -305,9 +309,10 @@ def recover(
     2^candidates − 1 of them (the cheapest three were tried in turn before; on merged networks,
     whose cheapest checkpoints are far below the tolerance, that spent every fine-tune where none
     could succeed). With ``per_component``, a network with independent components
-    (`Trajectory.components`) bisects for each component at once: every fine-tune trains the composition of the components' current
-    candidates (`compose_components`), and each component judges it by its own tasks; the
-    recovered components are composed at the end. The trajectory's networks are not modified."""
+    (`Trajectory.components`) bisects for each component at once: every fine-tune trains the
+    composition of the components' current candidates (`Trajectory.compose`), and each component
+    judges it by its own tasks; the recovered components are composed at the end. The trajectory's
+    networks are not modified."""
     if candidates < 0 or epochs < 1:
         raise InputError(f"need candidates >= 0 and epochs >= 1, got {candidates} and {epochs}")
     components = trajectory.components() if per_component else [trajectory.tasks.all]
@@ -326,8 +331,8 @@ def recover(
             if not picks:
                 break
             network = (copy.deepcopy(next(iter(picks.values())).network) if len(components) == 1 else
-                       compose_components({c: picks[c].network if c in picks else chosen[c].network for c in components},
-                                          base=trajectory.checkpoints[0].network))
+                       trajectory.compose({c: picks[c].network if c in picks else chosen[c].network
+                                           for c in components}))
             network = finetune(network, train_loader, loss_fn, epochs=epochs, lr=lr, recalibrate_bn=False,
                                seed=seed + max(p.round for p in picks.values()), schedule=schedule, progress=False)
             accuracy = evaluate(network)
@@ -344,7 +349,6 @@ def recover(
     if len(components) == 1:
         point, network, accuracy = found[components[0]]
         return trajectory.record(point.round, network, accuracy, accepted=True)
-    network = compose_components({c: found[c][1] if c in found else chosen[c].network for c in components},
-                                 base=trajectory.checkpoints[0].network)
+    network = trajectory.compose({c: found[c][1] if c in found else chosen[c].network for c in components})
     rounds = [found[c][0].round if c in found else chosen[c].round for c in components]
     return trajectory.record(max(rounds), network, evaluate(network), accepted=True)
