@@ -6,11 +6,12 @@ single-task networks, then
 - **baseline1**: prune every single-task network on its own;
 - **pam**: regroup (Alg. 4 / 5) + merge, then prune the merged network; with ``compare_unshared``
   the unshared merge (every neuron exclusive) is pruned too and the cheaper selection on the
-  calibration split is kept (`choose_grouping`);
+  calibration split is kept (`choose_pruned`);
 
 and optionally **mtz** (baseline 2: MTZ merge), all with the same pruner (P2 Taylor or P1 VIB),
 schedule and fine-tuning budget per network: every network, single or merged, is fine-tuned for
-``finetune_epochs`` before pruning.
+``finetune_epochs`` before pruning, and every method keeps the cheapest of the same number of
+pruning runs (`ExperimentConfig.pruning_runs`: ``prune_restarts``, ``equal_tries``).
 Every pruning run records a trajectory (`pamfx.passes.prune.Trajectory`); each method's network
 is its cheapest checkpoint at which every task's *calibration* accuracy stays within
 ``tolerance`` of its unpruned single-task network (matched accuracy), and only that checkpoint is
@@ -58,8 +59,14 @@ METHOD_TITLES = {"baseline1": "baseline 1: every single-task network on its own"
 #: that computes what runs saved before the key existed did (`pamfx.reproduce` reads such a run back
 #: for that value only). ``balance_spare``: the accuracy balance was unbounded (clamped at 20);
 #: ``compare_unshared``: PAM pruned the regrouped network only; ``component_selection``: independent
-#: task components were selected and recovered together.
-SAVED_BEFORE_KEY: dict[str, Any] = {"balance_spare": 20.0, "compare_unshared": False, "component_selection": False}
+#: task components were selected and recovered together; ``equal_tries``: baseline 1 and MTZ pruned
+#: each network once while PAM kept the cheaper of its two candidates.
+SAVED_BEFORE_KEY: dict[str, Any] = {"balance_spare": 20.0, "compare_unshared": False, "component_selection": False,
+                                    "equal_tries": False}
+
+#: Pruning run r of a network draws its data order and fine-tuning seeds from seed + r × this stride
+#: (run 0 is the seed's own run, so one run computes what it computed before restarts existed).
+RESTART_SEED_STRIDE = 100_003
 
 
 @dataclass
@@ -102,6 +109,8 @@ class ExperimentConfig:
     prune_floor: float = 0.02
     importance_batches: int = 10
     prune_exclusive: bool = True
+    prune_restarts: int = 1
+    equal_tries: bool = True
     balance_spare: float = 1.0
     mtz_samples: int = 500
     mtz_finetune_steps: int = 200
@@ -124,6 +133,17 @@ class ExperimentConfig:
     def alphas(self) -> list[float]:
         """The α candidates: ``alpha`` itself, or the list PAM chooses from per seed (`choose_alpha`)."""
         return list(self.alpha) if isinstance(self.alpha, list) else [self.alpha]
+
+    def pruning_runs(self, method: str) -> int:
+        """How many times each network of ``method`` is pruned, each run with its own data order; the
+        run whose selection is the cheapest matched one on the calibration split is kept
+        (`choose_pruned`). PAM prunes each of its candidates (the regrouped merge, and with
+        ``compare_unshared`` the unshared one) ``prune_restarts`` times and keeps the best of all;
+        with ``equal_tries`` every other method keeps the best of as many runs as PAM in all, so no
+        method wins by having more draws of the pruner's run-to-run spread."""
+        if method == "pam" or not self.equal_tries:
+            return self.prune_restarts
+        return self.prune_restarts * (2 if self.compare_unshared else 1)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ExperimentConfig":
@@ -152,6 +172,9 @@ class ExperimentConfig:
              f"'component_selection' must be true or false, got {self.component_selection!r}"),
             (isinstance(self.component_rounds, bool),
              f"'component_rounds' must be true or false, got {self.component_rounds!r}"),
+            (isinstance(self.prune_restarts, int) and not isinstance(self.prune_restarts, bool)
+             and self.prune_restarts >= 1, f"'prune_restarts' must be an int >= 1, got {self.prune_restarts!r}"),
+            (isinstance(self.equal_tries, bool), f"'equal_tries' must be true or false, got {self.equal_tries!r}"),
             (isinstance(self.balance_spare, (int, float)) and self.balance_spare >= 0,
              f"'balance_spare' must be a number of tolerances >= 0, got {self.balance_spare!r}"),
             (self.labels is None or (isinstance(self.labels, dict) and len(self.labels) >= 2 and all(
@@ -199,6 +222,19 @@ class MethodResult:
     trajectories: dict[str, Trajectory]
     network: fx.GraphModule | dict[str, fx.GraphModule]
     seconds: float = 0.0
+    #: every pruning run's calibration selection (`PruningRun`), per pruned network: baseline 1's
+    #: per task, PAM's per candidate ("regrouped", "unshared"), MTZ's under "mtz"
+    runs: dict[str, list["PruningRun"]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PruningRun:
+    """One pruning run of one network: its selection's expected FLOPs on the calibration split,
+    whether every task was within the tolerance there, and whether the method kept this run."""
+
+    expected_flops: float
+    matched: bool
+    kept: bool
 
 
 @dataclass
@@ -241,8 +277,11 @@ class _Pruner:
         self.config, self.seed, self.train, self.calib = config, seed, train, calib
         self.label_map, self.reference, self.progress = label_map, reference, progress
 
-    def __call__(self, network: fx.GraphModule) -> Trajectory:
+    def __call__(self, network: fx.GraphModule, restart: int = 0) -> Trajectory:
+        """Prune ``network`` (not modified); run ``restart`` > 0 with its own data order and seeds."""
         c = self.config
+        seed = self.seed + RESTART_SEED_STRIDE * restart
+        train = self.train if restart == 0 else _loader(self.train.dataset, self.train.batch_size, seed)
         tasks = read_multitask(network).tasks
         labels = {t: self.label_map[t] for t in tasks}
         loss = multilabel_loss(labels)
@@ -251,10 +290,10 @@ class _Pruner:
         def evaluate(net: fx.GraphModule) -> dict[str, float]:
             return evaluate_multitask(net, self.calib, labels)
 
-        common = dict(reference={t: self.reference[t] for t in tasks}, weights=weights, seed=self.seed,
+        common = dict(reference={t: self.reference[t] for t in tasks}, weights=weights, seed=seed,
                       progress=self.progress)
         if c.pruner == "taylor":
-            trajectory = prune_taylor(network, self.train, loss, evaluate, search_tolerance=c.search_tolerance, tolerance=c.tolerance,
+            trajectory = prune_taylor(network, train, loss, evaluate, search_tolerance=c.search_tolerance, tolerance=c.tolerance,
                                 importance_batches=c.importance_batches, exclusive=c.prune_exclusive,
                                 balance_spare=c.balance_spare,
                                 step_fraction=c.prune_step,
@@ -263,15 +302,15 @@ class _Pruner:
                                 max_rounds=c.prune_rounds, patience=c.prune_patience,
                                 per_component=c.component_rounds, **common)
         else:
-            trajectory = prune_vib(network, self.train, loss, evaluate, search_tolerance=c.search_tolerance,
+            trajectory = prune_vib(network, train, loss, evaluate, search_tolerance=c.search_tolerance,
                                    epochs=c.vib_epochs, kl_weight=c.vib_kl, kl_growth=c.vib_kl_growth,
                                    patience=c.prune_patience, checkpoints=c.vib_checkpoints,
                                    gate_lr=c.vib_lr, alternate=c.vib_alternate, lr=c.finetune_lr, **common)
         if c.component_selection:
             compose_selection(trajectory, evaluate, c.tolerance)
         if c.recover_candidates:
-            recover(trajectory, self.train, loss, evaluate, tolerance=c.tolerance, candidates=c.recover_candidates,
-                    epochs=c.recover_epochs, lr=c.finetune_lr, seed=self.seed, schedule=c.finetune_schedule,
+            recover(trajectory, train, loss, evaluate, tolerance=c.tolerance, candidates=c.recover_candidates,
+                    epochs=c.recover_epochs, lr=c.finetune_lr, seed=seed, schedule=c.finetune_schedule,
                     per_component=c.component_selection, progress=self.progress)
         return trajectory
 
@@ -381,15 +420,30 @@ def choose_alpha(points: Sequence[StartPoint], tolerance: float) -> StartPoint:
     return max(points, key=lambda p: min(p.gap.values()))
 
 
-def choose_grouping(trajectories: Sequence[Trajectory], tolerance: float) -> int:
-    """PAM's grouping, on calibration data only (docs/pruning.md, "Choosing α"): the index of the
-    pruned candidate whose selected checkpoint has every task within ``tolerance`` and the fewest
-    expected FLOPs; when none has, the one whose selection is least below. Ties go to the first."""
+def choose_pruned(trajectories: Sequence[Trajectory], tolerance: float) -> int:
+    """The pruning run a method keeps, on calibration data only (docs/pruning.md, "Choosing α" and
+    "Pruning runs"): the index of the run whose selected checkpoint has every task within
+    ``tolerance`` and the fewest expected FLOPs; when none has, the one whose selection is least
+    below. Ties go to the first."""
     selected = [_selected(t, tolerance) for t in trajectories]
     matched = [i for i, (_, ok) in enumerate(selected) if ok]
     if matched:
         return min(matched, key=lambda i: selected[i][0].expected_flops)
     return min(range(len(selected)), key=lambda i: selected[i][0].deficit(trajectories[i].reference))
+
+
+def prune_runs(candidates: Sequence[tuple[str, _Pruner, fx.GraphModule]], runs: int,
+               tolerance: float) -> tuple[str, Trajectory, dict[str, list[PruningRun]]]:
+    """Prune every named candidate network ``runs`` times (run r with its own data order, see
+    `_Pruner`) and keep the best run of all (`choose_pruned`): its candidate's name, its trajectory,
+    and every run's `PruningRun` per name."""
+    named = [(name, pruner(network, r)) for name, pruner, network in candidates for r in range(runs)]
+    pick = choose_pruned([t for _, t in named], tolerance)
+    records: dict[str, list[PruningRun]] = {}
+    for i, (name, trajectory) in enumerate(named):
+        point, matched = _selected(trajectory, tolerance)
+        records.setdefault(name, []).append(PruningRun(point.expected_flops, matched, i == pick))
+    return named[pick][0], named[pick][1], records
 
 
 def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Callable[[str], None] = print) -> SeedRun:
@@ -417,7 +471,8 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
                                    schedule=config.finetune_schedule, progress=progress)
                        for t, m in models.items()}
             pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
-            run.methods[method] = _baseline1(singles, pruner, config.tolerance, data.test, label_map)
+            run.methods[method] = _baseline1(singles, pruner, config.pruning_runs(method), config.tolerance, data.test,
+                                             label_map)
         elif method == "pam":
             run.regrouping, run.start, unshared = pam_start(config, setup, seed, progress)
             chosen = choose_alpha(run.start, config.tolerance)
@@ -426,19 +481,21 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
                 log(f"          α = {chosen.alpha:g} of {config.alphas} (calibration start: "
                     + ", ".join(f"{p.alpha:g} {p.expected_flops / 1e6:.2f} MFLOPs, worst task "
                                 f"{100 * min(p.gap.values()):+.2f} pt" for p in run.start) + ")")
-            candidates = [chosen] if unshared is None else [chosen, unshared]
-            pruned = [_Pruner(config, seed, p.train, data.calib, label_map, calib_reference, progress)(p.network)
-                      for p in candidates]
-            pick = choose_grouping(pruned, config.tolerance)
+            candidates = {"regrouped": chosen} if unshared is None else {"regrouped": chosen, "unshared": unshared}
+            name, trajectory, runs = prune_runs(
+                [(n, _Pruner(config, seed, p.train, data.calib, label_map, calib_reference, progress), p.network)
+                 for n, p in candidates.items()], config.pruning_runs(method), config.tolerance)
             if unshared is not None:
-                names = ("regrouped", "unshared")
-                run.grouping = {"chosen": names[pick], "expected_flops": {
-                    name: t.select(config.tolerance).expected_flops for name, t in zip(names, pruned)}}
-                log(f"          grouping: {run.grouping['chosen']} (pruned, calibration: "
+                # per candidate, its best run: the kept one, else the cheapest matched, else the cheapest
+                run.grouping = {"chosen": name, "expected_flops": {
+                    n: min(rs, key=lambda r: (not r.kept, not r.matched, r.expected_flops)).expected_flops
+                    for n, rs in runs.items()}}
+                log(f"          grouping: {name} (pruned, calibration: "
                     + ", ".join(f"{k} {v / 1e6:.3f} expected MFLOPs" for k, v in run.grouping["expected_flops"].items())
                     + ")")
-            run.methods[method] = _merged(method, pruned[pick], config.tolerance, data.test, label_map)
-            _sharing(run, candidates[pick].network, run.methods[method].network)
+            run.methods[method] = _merged(method, trajectory, config.tolerance, data.test, label_map)
+            run.methods[method].runs = runs
+            _sharing(run, candidates[name].network, run.methods[method].network)
         else:
             merged = mtz_merge(models, example, data.calib.images[:config.mtz_samples], train_loader=train, loss_fn=loss,
                                finetune_steps=config.mtz_finetune_steps, lr=config.finetune_lr, seed=seed,
@@ -446,8 +503,14 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
             finetune(merged, train, loss, epochs=config.finetune_epochs, lr=config.finetune_lr, seed=seed,
                      schedule=config.finetune_schedule, progress=progress)
             pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
-            run.methods[method] = _merged(method, pruner(merged), config.tolerance, data.test, label_map)
+            _, trajectory, runs = prune_runs([(method, pruner, merged)], config.pruning_runs(method), config.tolerance)
+            run.methods[method] = _merged(method, trajectory, config.tolerance, data.test, label_map)
+            run.methods[method].runs = runs
         run.methods[method].seconds = time.perf_counter() - start
+        if config.pruning_runs(method) > 1:
+            log("          pruning runs (selection, calibration, expected MFLOPs; * kept): " + "; ".join(
+                f"{n} " + " / ".join(f"{r.expected_flops / 1e6:.3f}{'*' * r.kept}{'' if r.matched else ' (unmatched)'}"
+                                      for r in rs) for n, rs in run.methods[method].runs.items()))
         log(f"          {run.methods[method].seconds:.0f} s; " + ", ".join(
             f"{'&'.join(tasks.ordered_names(c))} {run.methods[method].flops[c] / 1e6:.3f} MFLOPs"
             for c in tasks.combinations() if c in (*(tasks.bit(t) for t in tasks), max(tasks.combinations()))))
@@ -461,12 +524,14 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
     return run
 
 
-def _baseline1(networks: Mapping[str, fx.GraphModule], pruner: _Pruner, tolerance: float, test: Dataset,
+def _baseline1(networks: Mapping[str, fx.GraphModule], pruner: _Pruner, runs: int, tolerance: float, test: Dataset,
                label_map: Mapping[str, list[int]]) -> MethodResult:
     """Baseline 1: every single-task network (`as_multitask` form, fine-tuned as the merged networks
-    are) pruned on its own; a combination costs the sum of its tasks'."""
+    are) pruned on its own, the best of ``runs`` runs kept (`prune_runs`); a combination costs the sum
+    of its tasks'."""
     tasks = TaskSpace(tuple(networks))
-    singles = {t: pruner(network) for t, network in networks.items()}
+    pruned = {t: prune_runs([(t, pruner, network)], runs, tolerance) for t, network in networks.items()}
+    singles = {t: trajectory for t, (_, trajectory, _) in pruned.items()}
     chosen = {t: _selected(trajectory, tolerance) for t, trajectory in singles.items()}
     single_cost = {t: cost(point.network) for t, (point, _) in chosen.items()}
     return MethodResult(
@@ -476,6 +541,7 @@ def _baseline1(networks: Mapping[str, fx.GraphModule], pruner: _Pruner, toleranc
         calib_accuracy={t: p.accuracy[t] for t, (p, _) in chosen.items()},
         matched=all(ok for _, ok in chosen.values()), trajectories=singles,
         network={t: p.network for t, (p, _) in chosen.items()},
+        runs={t: records[t] for t, (_, _, records) in pruned.items()},
     )
 
 
@@ -566,6 +632,8 @@ def _seed_dict(run: SeedRun, search_tolerance: float) -> dict[str, Any]:
         "group_sizes": run.group_sizes,
         "cross_origin_share": run.cross_origin_share,
         "seconds": {m: r.seconds for m, r in run.methods.items()},
+        "pruning_runs": {m: {name: [dataclasses.asdict(x) for x in runs] for name, runs in r.runs.items()}
+                         for m, r in run.methods.items()},
         "trajectories": trajectories,
         "frontier": {
             "tolerances": thresholds,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,26 @@ def _latency_lines(summary: dict[str, Any], spread: bool) -> list[str]:
     return lines
 
 
+def _runs_lines(results: dict[str, Any]) -> list[str]:
+    """How many pruning runs each method kept the best of, and how far one network's runs differ
+    (max / min expected FLOPs of their matched selections): the pruner's run-to-run spread."""
+    first = results["seeds"][0].get("pruning_runs", {})
+    if all(len(runs) == 1 for method in first.values() for runs in method.values()):
+        return []
+    counts = ", ".join(
+        f"{m} the best of {len(next(iter(runs.values())))} per network" if m == "baseline1" else
+        f"{m} the best of {sum(len(r) for r in runs.values())}" + (f" ({len(next(iter(runs.values())))} per candidate)"
+                                                                     if len(runs) > 1 else "")
+        for m, runs in first.items())
+    spreads = [max(f) / min(f) for seed in results["seeds"] for method in seed["pruning_runs"].values()
+               for runs in method.values() if len(f := [r["expected_flops"] for r in runs if r["matched"]]) > 1]
+    line = f"pruning runs (the cheapest matched selection on the calibration split is kept): {counts}"
+    if spreads:
+        line += (f"; one network's matched runs differ by up to {max(spreads):.2f}x in expected FLOPs "
+                 f"(median {statistics.median(spreads):.2f}x over {len(spreads)} networks)")
+    return [line]
+
+
 def format_table(results: dict[str, Any]) -> str:
     """Per combination: MFLOPs, time ratio (where measured) and test accuracy of every method (mean ±
     std over seeds), then the gains."""
@@ -117,6 +138,7 @@ def format_table(results: dict[str, Any]) -> str:
                      "unshared merge (expected MFLOPs of each selection): " + ", ".join(
                          f"seed {seed}: {g['chosen']} (" + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in g["expected_flops"].items())
                          + ")" for seed, g in chosen))
+    lines += _runs_lines(results)
     for base in summary["test_accuracy_gap_pam_minus"]:
         for task in results["tasks"]:
             gaps = [_test_accuracy(run, task, "pam") - _test_accuracy(run, task, base) for run in results["seeds"]]

@@ -10,7 +10,8 @@ import pamfx
 
 from pamfx.cli import load_config, main
 from pamfx.errors import InputError
-from pamfx.experiment import ExperimentConfig, StartPoint, choose_alpha, choose_grouping, results_dict, run_comparison
+from pamfx.experiment import (ExperimentConfig, StartPoint, choose_alpha, choose_pruned, prune_runs, results_dict,
+                              run_comparison)
 from pamfx.ir.task_set import TaskSpace
 from pamfx.passes.prune import Checkpoint, Trajectory
 from pamfx.report import format_table, write_report
@@ -56,6 +57,16 @@ def test_results_hold_every_seed_combination_and_the_gains(tiny_results):
     table = format_table(results)
     assert "digits_0_4&digits_5_9" in table and "±" in table and "2 seeds" in table
     assert "PAM's grouping, chosen per seed" in table
+    for run, record in zip(runs, results["seeds"]):  # baseline 1 kept the best of as many runs as PAM made
+        tolerance = results["config"]["tolerance"]
+        assert {n: len(r) for n, r in record["pruning_runs"]["pam"].items()} == {"regrouped": 1, "unshared": 1}
+        for task, b1 in record["pruning_runs"]["baseline1"].items():
+            assert len(b1) == 2 and sum(r["kept"] for r in b1) == 1
+            kept = next(r for r in b1 if r["kept"])
+            assert kept["expected_flops"] == run.methods["baseline1"].trajectories[task].select(tolerance).expected_flops
+            if kept["matched"]:
+                assert kept["expected_flops"] == min(r["expected_flops"] for r in b1 if r["matched"])
+    assert "baseline1 the best of 2 per network" in table
 
 
 def test_the_selected_network_is_the_cheapest_matched_checkpoint(tiny_results):
@@ -120,9 +131,40 @@ def test_config_files(tmp_path):
     for bad in (-0.5, "1"):
         with pytest.raises(InputError, match="balance_spare"):
             ExperimentConfig.from_mapping({"balance_spare": bad})
-    for key in ("compare_unshared", "component_selection", "component_rounds"):
+    for key in ("compare_unshared", "component_selection", "component_rounds", "equal_tries"):
         with pytest.raises(InputError, match=key):
             ExperimentConfig.from_mapping({key: "yes"})
+    for bad in (0, 1.5, True):
+        with pytest.raises(InputError, match="prune_restarts"):
+            ExperimentConfig.from_mapping({"prune_restarts": bad})
+
+
+@pytest.mark.parametrize("restarts", [1, 3])
+@pytest.mark.parametrize("unshared", [True, False])
+@pytest.mark.parametrize("equal", [True, False])
+def test_every_method_keeps_the_best_of_as_many_pruning_runs_as_pam(restarts, unshared, equal):
+    config = ExperimentConfig.from_mapping({"prune_restarts": restarts, "compare_unshared": unshared, "equal_tries": equal})
+    pam = restarts * (2 if unshared else 1)  # PAM's runs in all: every candidate pruned `restarts` times
+    assert config.pruning_runs("pam") == restarts
+    for method in ("baseline1", "mtz"):
+        assert config.pruning_runs(method) == (pam if equal else restarts)
+
+
+def test_prune_runs_prunes_every_candidate_with_each_restart_and_keeps_the_best():
+    """A stand-in pruner returns a known trajectory per (network, restart); the kept run is
+    `choose_pruned`'s over all runs, and every run is recorded under its candidate's name."""
+    points = {("R", 0): (5e3, 0.9, 0.9), ("R", 1): (2e3, 0.9, 0.8), ("U", 0): (4e3, 0.9, 0.9), ("U", 1): (3e3, 0.9, 0.9)}
+    calls = []
+
+    def pruner(network, restart):
+        calls.append((network, restart))
+        return _trajectory([points[network, restart]])
+
+    name, trajectory, runs = prune_runs([("regrouped", pruner, "R"), ("unshared", pruner, "U")], 2, 0.01)
+    assert calls == [("R", 0), ("R", 1), ("U", 0), ("U", 1)]
+    assert name == "unshared" and trajectory.select(0.01).expected_flops == 3e3  # 2e3 misses the tolerance
+    assert [(r.expected_flops, r.matched, r.kept) for r in runs["regrouped"]] == [(5e3, True, False), (2e3, False, False)]
+    assert [(r.expected_flops, r.matched, r.kept) for r in runs["unshared"]] == [(4e3, True, False), (3e3, True, True)]
 
 
 def test_cli_help_and_errors(tmp_path, capsys):
@@ -229,9 +271,9 @@ def _trajectory(points: list[tuple[float, float, float]]) -> Trajectory:
 @given(st.lists(st.lists(st.tuples(st.floats(1e3, 1e7), st.floats(0.85, 0.95), st.floats(0.85, 0.95)), min_size=1,
                          max_size=5), min_size=1, max_size=3),
        st.floats(0, 0.03))
-def test_the_grouping_is_the_cheapest_matched_selection_else_the_least_deficient(candidates, tolerance):
+def test_the_kept_run_is_the_cheapest_matched_selection_else_the_least_deficient(candidates, tolerance):
     trajectories = [_trajectory(points) for points in candidates]
-    pick = choose_grouping(trajectories, tolerance)
+    pick = choose_pruned(trajectories, tolerance)
     selected = [t.select(tolerance) for t in trajectories]
     matched = [i for i, t in enumerate(trajectories) if t.within(selected[i], tolerance)]
     if matched:

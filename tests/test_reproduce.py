@@ -115,7 +115,8 @@ def test_a_run_saved_before_a_config_key_existed_is_read_back(reproduction, tmp_
 def test_a_run_saved_before_a_default_changed_counts_for_the_old_behaviour_only(reproduction, tmp_path, key):
     """Each `SAVED_BEFORE_KEY` key changed what a run computes (``balance_spare``: the balance was
     unbounded; ``compare_unshared``: PAM pruned the regrouped network only; ``component_selection``:
-    independent components selected together); a record without the key
+    independent components selected together; ``equal_tries``: baseline 1 pruned each network once);
+    a record without the key
     counts for its old value and not for the new default."""
     out, _, _ = reproduction
     config = TINY.table_config("4.2-P2")
