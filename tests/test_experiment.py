@@ -298,3 +298,16 @@ def test_pam_chooses_alpha_per_seed_on_calibration_and_one_alpha_is_the_scalar_r
     single = run_comparison(ExperimentConfig.from_mapping(dict(base, alpha=[chosen.alpha])), progress=False, log=lambda *_: None)
     assert scalar[0].methods["pam"].flops == single[0].methods["pam"].flops == run.methods["pam"].flops
     assert scalar[0].methods["pam"].test_accuracy == single[0].methods["pam"].test_accuracy
+
+
+def test_run_0_of_every_network_is_the_run_made_without_equal_tries(tiny_results, tmp_path):
+    """docs/pruning.md, "Pruning runs": run 0 draws the seed's own data order, so with one run per
+    network (``equal_tries = false``) baseline 1 computes exactly its run 0 of the default."""
+    runs, results = tiny_results
+    config = ExperimentConfig.from_mapping(dict(results["config"], seeds=[0], equal_tries=False, cache=str(tmp_path)))
+    once = run_comparison(config, progress=False, log=lambda *_: None)[0]
+    b1 = once.methods["baseline1"]
+    assert {t: len(r) for t, r in b1.runs.items()} == {t: 1 for t in b1.runs}
+    first = {t: r[0]["expected_flops"] for t, r in results["seeds"][0]["pruning_runs"]["baseline1"].items()}
+    assert {t: r[0].expected_flops for t, r in b1.runs.items()} == first
+    assert once.methods["pam"].flops == runs[0].methods["pam"].flops
