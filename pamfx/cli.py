@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,9 +60,13 @@ def load_config(path: Path) -> ExperimentConfig:
     return ExperimentConfig.from_mapping(values)
 
 
-def _run(config: ExperimentConfig, out: Path, progress: bool) -> int:
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _run(config: ExperimentConfig, out: Path, progress: bool, workers: int) -> int:
     started = time.perf_counter()
-    runs = run_comparison(config, progress=progress)
+    runs = run_comparison(config, progress=progress, workers=workers)
     results = results_dict(config, runs)
     paths = write_report(results, out, runs[0].regrouping)
     print()
@@ -83,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--seeds", type=int, nargs="+", help="run the whole comparison for these seeds (mean ± std)")
         cmd.add_argument("--out", type=Path, default=Path("pamfx-out"), help="where results and plots go (default: pamfx-out)")
         cmd.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for small nets)")
+        cmd.add_argument("--workers", type=int, help="pruning runs at once, in worker processes of --threads "
+                         "threads each (default: CPU cores / --threads; the results do not depend on it)")
         cmd.add_argument("--no-progress", action="store_true", help="hide progress bars")
     text = "re-measure the paper's Sec. 4.6 and write REPRODUCTION.md with plots"
     cmd = sub.add_parser("reproduce", help=text, description=text)
@@ -122,7 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seeds:
             config = dataclasses.replace(config, seeds=list(args.seeds))
             config.validate()
-        return _run(config, args.out, progress=not args.no_progress)
+        workers = args.workers if args.workers is not None else max(1, _cores() // max(1, args.threads))
+        if workers < 1:
+            raise InputError(f"--workers must be >= 1, got {workers}")
+        return _run(config, args.out, progress=not args.no_progress, workers=workers)
     except PamfxError as err:
         print(f"pamfx: error: {err}", file=sys.stderr)
         return 2

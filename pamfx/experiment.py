@@ -47,12 +47,14 @@ from pamfx.passes.mtz import mtz_merge
 from pamfx.passes.prune import Checkpoint, Trajectory, check_calibration_noise, compose_selection, recover
 from pamfx.passes.taylor import prune_taylor
 from pamfx.passes.vib import prune_vib
+from pamfx.pruning_jobs import PruningJob, run_jobs
 from pamfx.zoo.train import evaluate_multitask, get_or_train
 
 PRUNERS = ("taylor", "vib")
 METHODS = ("baseline1", "mtz", "pam")
 METHOD_TITLES = {"baseline1": "baseline 1: every single-task network on its own",
                  "mtz": "baseline 2: MTZ merge (+ joint fine-tune)", "pam": "PAM: regroup, merge, fine-tune"}
+METHOD_COLUMNS = {"baseline1": "B1", "mtz": "B2", "pam": "PAM"}
 
 
 #: Keys added to `ExperimentConfig` whose default changed what a run computes, each with the value
@@ -64,8 +66,7 @@ METHOD_TITLES = {"baseline1": "baseline 1: every single-task network on its own"
 SAVED_BEFORE_KEY: dict[str, Any] = {"balance_spare": 20.0, "compare_unshared": False, "component_selection": False,
                                     "equal_tries": False}
 
-#: Pruning run r of a network draws its data order and fine-tuning seeds from seed + r × this stride
-#: (run 0 is the seed's own run, so one run computes what it computed before restarts existed).
+#: Pruning run r of a network draws its data order and fine-tuning seeds from seed + r × this stride.
 RESTART_SEED_STRIDE = 100_003
 
 
@@ -104,6 +105,7 @@ class ExperimentConfig:
     combination_weights: dict[str, float] | None = None
     prune_step: float = 0.1
     prune_finetune_steps: int = 100
+    prune_rescue_steps: int = 0
     prune_rounds: int = 60
     prune_patience: int = 4
     prune_floor: float = 0.02
@@ -166,6 +168,8 @@ class ExperimentConfig:
             (self.regroup_samples >= 2, f"'regroup_samples' must be >= 2, got {self.regroup_samples}"),
             (0 < self.prune_step <= 1, f"'prune_step' must be in (0, 1], got {self.prune_step}"),
             (0 <= self.prune_floor < 1, f"'prune_floor' must be in [0, 1), got {self.prune_floor}"),
+            (isinstance(self.prune_rescue_steps, int) and not isinstance(self.prune_rescue_steps, bool)
+             and self.prune_rescue_steps >= 0, f"'prune_rescue_steps' must be an int >= 0, got {self.prune_rescue_steps!r}"),
             (isinstance(self.compare_unshared, bool),
              f"'compare_unshared' must be true or false, got {self.compare_unshared!r}"),
             (isinstance(self.component_selection, bool),
@@ -272,16 +276,17 @@ def _parse_weights(tasks: TaskSpace, spec: Mapping[str, float] | None) -> dict[T
 class _Pruner:
     """The configured pruner (P1 or P2) bound to one seed's data; the same for every method."""
 
-    def __init__(self, config: ExperimentConfig, seed: int, train: DataLoader, calib: Dataset,
+    def __init__(self, config: ExperimentConfig, seed: int, train: Dataset, calib: Dataset,
                  label_map: Mapping[str, list[int]], reference: Mapping[str, float], progress: bool):
         self.config, self.seed, self.train, self.calib = config, seed, train, calib
         self.label_map, self.reference, self.progress = label_map, reference, progress
 
     def __call__(self, network: fx.GraphModule, restart: int = 0) -> Trajectory:
-        """Prune ``network`` (not modified); run ``restart`` > 0 with its own data order and seeds."""
+        """Prune ``network`` (not modified). Run ``restart`` draws its data order and seeds from
+        seed + `RESTART_SEED_STRIDE` × restart alone, so runs are independent (`pamfx.pruning_jobs`)."""
         c = self.config
         seed = self.seed + RESTART_SEED_STRIDE * restart
-        train = self.train if restart == 0 else _loader(self.train.dataset, self.train.batch_size, seed)
+        train = _loader(self.train, c.batch_size, seed)
         tasks = read_multitask(network).tasks
         labels = {t: self.label_map[t] for t in tasks}
         loss = multilabel_loss(labels)
@@ -297,7 +302,8 @@ class _Pruner:
                                 importance_batches=c.importance_batches, exclusive=c.prune_exclusive,
                                 balance_spare=c.balance_spare,
                                 step_fraction=c.prune_step,
-                                finetune_steps=c.prune_finetune_steps, lr=c.finetune_lr, floor=c.prune_floor,
+                                finetune_steps=c.prune_finetune_steps, rescue_steps=c.prune_rescue_steps,
+                                lr=c.finetune_lr, floor=c.prune_floor,
                                 schedule=c.finetune_schedule,
                                 max_rounds=c.prune_rounds, patience=c.prune_patience,
                                 per_component=c.component_rounds, **common)
@@ -358,8 +364,7 @@ class StartPoint:
     gets, before any pruning.
 
     ``gap``: per task, calibration accuracy minus the single-task network's; ``expected_flops``:
-    under the config's combination weights. ``train`` is the training loader the fine-tune
-    advanced; pruning continues from it, so a single α gives the same run as before α lists existed.
+    under the config's combination weights.
     """
 
     alpha: float | None
@@ -367,7 +372,6 @@ class StartPoint:
     sharing: dict[str, float]
     gap: dict[str, float]
     network: fx.GraphModule = field(repr=False)
-    train: DataLoader = field(repr=False)
 
     def matchable(self, tolerance: float) -> bool:
         """Every task within ``tolerance`` of its single-task network on the calibration split."""
@@ -407,7 +411,7 @@ def _start_point(config: ExperimentConfig, setup: SeedSetup, seed: int, layers: 
     return StartPoint(
         alpha=alpha, expected_flops=sum(w * cost(merged, c).flops for c, w in weights.items()),
         sharing={name: view.grouping().sharing_ratio(name) for name in view.grouping().layer_names},
-        gap={t: accuracy[t] - setup.calib_reference[t] for t in label_map}, network=merged, train=train)
+        gap={t: accuracy[t] - setup.calib_reference[t] for t in label_map}, network=merged)
 
 
 def choose_alpha(points: Sequence[StartPoint], tolerance: float) -> StartPoint:
@@ -432,12 +436,11 @@ def choose_pruned(trajectories: Sequence[Trajectory], tolerance: float) -> int:
     return min(range(len(selected)), key=lambda i: selected[i][0].deficit(trajectories[i].reference))
 
 
-def prune_runs(candidates: Sequence[tuple[str, _Pruner, fx.GraphModule]], runs: int,
-               tolerance: float) -> tuple[str, Trajectory, dict[str, list[PruningRun]]]:
-    """Prune every named candidate network ``runs`` times (run r with its own data order, see
-    `_Pruner`) and keep the best run of all (`choose_pruned`): its candidate's name, its trajectory,
-    and every run's `PruningRun` per name."""
-    named = [(name, pruner(network, r)) for name, pruner, network in candidates for r in range(runs)]
+def best_run(named: Sequence[tuple[str, Trajectory]],
+             tolerance: float) -> tuple[str, Trajectory, dict[str, list[PruningRun]]]:
+    """Of pruning runs named by their candidate network (PAM's "regrouped" and "unshared", say), the
+    run a method keeps (`choose_pruned`): its name, its trajectory, and every run's `PruningRun` per
+    name."""
     pick = choose_pruned([t for _, t in named], tolerance)
     records: dict[str, list[PruningRun]] = {}
     for i, (name, trajectory) in enumerate(named):
@@ -446,33 +449,38 @@ def prune_runs(candidates: Sequence[tuple[str, _Pruner, fx.GraphModule]], runs: 
     return named[pick][0], named[pick][1], records
 
 
-def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Callable[[str], None] = print) -> SeedRun:
-    """Run the configured methods on one seed (see the module docstring)."""
+def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Callable[[str], None] = print,
+             workers: int = 1) -> SeedRun:
+    """Run the configured methods on one seed (see the module docstring). Every method first builds
+    the networks it prunes; then all pruning runs, of every method, run on ``workers`` processes at
+    once (`pamfx.pruning_jobs.run_jobs`; the result does not depend on ``workers``)."""
     label_map = task_labels(config)
     tasks = TaskSpace(tuple(label_map))
-    log(f"[seed {seed}] [1/{len(config.methods) + 1}] single-task networks: {config.model} on {config.dataset}, tasks {list(tasks)}")
+    log(f"[seed {seed}] [1/{len(config.methods) + 2}] single-task networks: {config.model} on {config.dataset}, tasks {list(tasks)}")
     setup = seed_setup(config, seed, progress)
     data, models, calib_reference, example = setup.data, setup.models, setup.calib_reference, setup.example
     test_reference = {t: evaluate_multitask(m, data.test, {t: label_map[t]})[t] for t, m in models.items()}
     check_calibration_noise(calib_reference, len(data.calib), {t: len(label_map[t]) for t in tasks}, config.tolerance,
                             strict=config.strict_noise)
     run = SeedRun(seed, tasks, test_reference, calib_reference, _parse_weights(tasks, config.combination_weights))
+    pruner = _Pruner(config, seed, data.train, data.calib, label_map, calib_reference, progress and workers == 1)
 
     loss = multilabel_loss(label_map)
+    candidates: dict[str, dict[str, fx.GraphModule]] = {}  # per method, the networks it prunes
+    seconds: dict[str, float] = {}
+    starts: dict[str, StartPoint] = {}
     for step, method in enumerate(config.methods, start=2):
-        log(f"[seed {seed}] [{step}/{len(config.methods) + 1}] {METHOD_TITLES[method]}, {config.pruner} pruning")
+        log(f"[seed {seed}] [{step}/{len(config.methods) + 2}] {METHOD_TITLES[method]}")
         start = time.perf_counter()
         # every method gets its own loader with the same seed: a method's result never depends on
         # which methods ran before it
         train = _loader(data.train, config.batch_size, seed)
         if method == "baseline1":
-            singles = {t: finetune(as_multitask(m, example, t), train, multilabel_loss({t: label_map[t]}),
-                                   epochs=config.finetune_epochs, lr=config.finetune_lr, seed=seed,
-                                   schedule=config.finetune_schedule, progress=progress)
-                       for t, m in models.items()}
-            pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
-            run.methods[method] = _baseline1(singles, pruner, config.pruning_runs(method), config.tolerance, data.test,
-                                             label_map)
+            candidates[method] = {
+                t: finetune(as_multitask(m, example, t), train, multilabel_loss({t: label_map[t]}),
+                            epochs=config.finetune_epochs, lr=config.finetune_lr, seed=seed,
+                            schedule=config.finetune_schedule, progress=progress)
+                for t, m in models.items()}
         elif method == "pam":
             run.regrouping, run.start, unshared = pam_start(config, setup, seed, progress)
             chosen = choose_alpha(run.start, config.tolerance)
@@ -481,37 +489,50 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
                 log(f"          α = {chosen.alpha:g} of {config.alphas} (calibration start: "
                     + ", ".join(f"{p.alpha:g} {p.expected_flops / 1e6:.2f} MFLOPs, worst task "
                                 f"{100 * min(p.gap.values()):+.2f} pt" for p in run.start) + ")")
-            candidates = {"regrouped": chosen} if unshared is None else {"regrouped": chosen, "unshared": unshared}
-            name, trajectory, runs = prune_runs(
-                [(n, _Pruner(config, seed, p.train, data.calib, label_map, calib_reference, progress), p.network)
-                 for n, p in candidates.items()], config.pruning_runs(method), config.tolerance)
-            if unshared is not None:
-                # per candidate, its best run: the kept one, else the cheapest matched, else the cheapest
-                run.grouping = {"chosen": name, "expected_flops": {
-                    n: min(rs, key=lambda r: (not r.kept, not r.matched, r.expected_flops)).expected_flops
-                    for n, rs in runs.items()}}
-                log(f"          grouping: {name} (pruned, calibration: "
-                    + ", ".join(f"{k} {v / 1e6:.3f} expected MFLOPs" for k, v in run.grouping["expected_flops"].items())
-                    + ")")
-            run.methods[method] = _merged(method, trajectory, config.tolerance, data.test, label_map)
-            run.methods[method].runs = runs
-            _sharing(run, candidates[name].network, run.methods[method].network)
+            starts = {"regrouped": chosen} if unshared is None else {"regrouped": chosen, "unshared": unshared}
+            candidates[method] = {n: p.network for n, p in starts.items()}
         else:
             merged = mtz_merge(models, example, data.calib.images[:config.mtz_samples], train_loader=train, loss_fn=loss,
                                finetune_steps=config.mtz_finetune_steps, lr=config.finetune_lr, seed=seed,
                                progress=progress)
             finetune(merged, train, loss, epochs=config.finetune_epochs, lr=config.finetune_lr, seed=seed,
                      schedule=config.finetune_schedule, progress=progress)
-            pruner = _Pruner(config, seed, train, data.calib, label_map, calib_reference, progress)
-            _, trajectory, runs = prune_runs([(method, pruner, merged)], config.pruning_runs(method), config.tolerance)
+            candidates[method] = {method: merged}
+        seconds[method] = time.perf_counter() - start
+
+    jobs = [PruningJob(f"{method}/{name}", pruner, network, r, size=cost(network).flops)
+            for method in config.methods for name, network in candidates[method].items()
+            for r in range(config.pruning_runs(method))]
+    log(f"[seed {seed}] [{len(config.methods) + 2}/{len(config.methods) + 2}] {config.pruner} pruning: "
+        f"{len(jobs)} runs" + (f", {min(workers, len(jobs))} at once" if workers > 1 else ""))
+    done = iter(run_jobs(jobs, workers, progress))
+    for method in config.methods:
+        named = [(name, next(done)) for name in candidates[method] for _ in range(config.pruning_runs(method))]
+        seconds[method] += sum(result.seconds for _, result in named)
+        if method == "baseline1":
+            run.methods[method] = _baseline1({t: best_run([(t, r.trajectory) for n, r in named if n == t], config.tolerance)
+                                              for t in candidates[method]}, config.tolerance, data.test, label_map)
+        else:
+            name, trajectory, runs = best_run([(n, r.trajectory) for n, r in named], config.tolerance)
             run.methods[method] = _merged(method, trajectory, config.tolerance, data.test, label_map)
             run.methods[method].runs = runs
-        run.methods[method].seconds = time.perf_counter() - start
+            if method == "pam":
+                if len(starts) > 1:
+                    # per candidate, its best run: the kept one, else the cheapest matched, else the cheapest
+                    run.grouping = {"chosen": name, "expected_flops": {
+                        n: min(rs, key=lambda r: (not r.kept, not r.matched, r.expected_flops)).expected_flops
+                        for n, rs in runs.items()}}
+                    log(f"          PAM grouping: {name} (pruned, calibration: "
+                        + ", ".join(f"{k} {v / 1e6:.3f} expected MFLOPs" for k, v in run.grouping["expected_flops"].items())
+                        + ")")
+                _sharing(run, starts[name].network, run.methods[method].network)
+        run.methods[method].seconds = seconds[method]
+        title = METHOD_COLUMNS[method]
         if config.pruning_runs(method) > 1:
-            log("          pruning runs (selection, calibration, expected MFLOPs; * kept): " + "; ".join(
+            log(f"          {title} pruning runs (selection, calibration, expected MFLOPs; * kept): " + "; ".join(
                 f"{n} " + " / ".join(f"{r.expected_flops / 1e6:.3f}{'*' * r.kept}{'' if r.matched else ' (unmatched)'}"
                                       for r in rs) for n, rs in run.methods[method].runs.items()))
-        log(f"          {run.methods[method].seconds:.0f} s; " + ", ".join(
+        log(f"          {title}: {run.methods[method].seconds:.0f} s; " + ", ".join(
             f"{'&'.join(tasks.ordered_names(c))} {run.methods[method].flops[c] / 1e6:.3f} MFLOPs"
             for c in tasks.combinations() if c in (*(tasks.bit(t) for t in tasks), max(tasks.combinations()))))
     if config.latency:
@@ -524,13 +545,12 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
     return run
 
 
-def _baseline1(networks: Mapping[str, fx.GraphModule], pruner: _Pruner, runs: int, tolerance: float, test: Dataset,
+def _baseline1(pruned: Mapping[str, tuple[str, Trajectory, list[PruningRun]]], tolerance: float, test: Dataset,
                label_map: Mapping[str, list[int]]) -> MethodResult:
     """Baseline 1: every single-task network (`as_multitask` form, fine-tuned as the merged networks
-    are) pruned on its own, the best of ``runs`` runs kept (`prune_runs`); a combination costs the sum
-    of its tasks'."""
-    tasks = TaskSpace(tuple(networks))
-    pruned = {t: prune_runs([(t, pruner, network)], runs, tolerance) for t, network in networks.items()}
+    are) pruned on its own, its best run kept (``pruned``: `best_run` per task); a combination costs
+    the sum of its tasks'."""
+    tasks = TaskSpace(tuple(pruned))
     singles = {t: trajectory for t, (_, trajectory, _) in pruned.items()}
     chosen = {t: _selected(trajectory, tolerance) for t, trajectory in singles.items()}
     single_cost = {t: cost(point.network) for t, (point, _) in chosen.items()}
@@ -567,10 +587,11 @@ def _sharing(run: SeedRun, merged: fx.GraphModule, pruned: fx.GraphModule) -> No
                               for c in run.tasks.combinations()}
 
 
-def run_comparison(config: ExperimentConfig, progress: bool = True, log: Callable[[str], None] = print) -> list[SeedRun]:
-    """`run_seed` for every seed of ``config``."""
+def run_comparison(config: ExperimentConfig, progress: bool = True, log: Callable[[str], None] = print,
+                   workers: int = 1) -> list[SeedRun]:
+    """`run_seed` for every seed of ``config``, each seed's pruning runs on ``workers`` processes."""
     config.validate()
-    return [run_seed(config, seed, progress, log) for seed in config.seeds]
+    return [run_seed(config, seed, progress, log, workers) for seed in config.seeds]
 
 
 def gains(run: SeedRun, baseline: str, method: str = "pam") -> dict[str, float]:

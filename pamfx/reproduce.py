@@ -41,12 +41,11 @@ import torch  # noqa: E402
 from pamfx.atomic import atomic_path  # noqa: E402
 from pamfx.data import inclusion_split, load_dataset, overlap_split  # noqa: E402
 from pamfx.errors import InputError  # noqa: E402
-from pamfx.experiment import SAVED_BEFORE_KEY, ExperimentConfig, results_from_seeds, run_seed, seed_results  # noqa: E402
+from pamfx.experiment import METHOD_COLUMNS, SAVED_BEFORE_KEY, ExperimentConfig, results_from_seeds, run_seed, seed_results  # noqa: E402
 from pamfx.report import format_table, plot_alpha_trace, write_report  # noqa: E402
 
 Results = dict[str, Any]
 LETTERS = "ABCDE"
-METHOD_COLUMNS = {"baseline1": "B1", "mtz": "B2", "pam": "PAM"}
 
 #: The paper's Table 4.2 (LeNet-5, multi-label Fashion-MNIST): per combination, test accuracy (%)
 #: and MFLOPs of baseline 1, baseline 2 and PAM.

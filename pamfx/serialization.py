@@ -185,9 +185,10 @@ def _rebuild(data: dict[str, Any]) -> fx.GraphModule:
     return fx.GraphModule(root, graph, class_name=data["class_name"])
 
 
-def save(module: fx.GraphModule, path: str | os.PathLike) -> Path:
-    """Write ``module`` (a merged network, an emitted module, any GraphModule of torch.nn modules)
-    with its pamfx IR to ``path``, atomically; return the path. See `load`."""
+def encode(module: fx.GraphModule) -> dict[str, Any]:
+    """``module`` (a merged network, an emitted module, any GraphModule of torch.nn modules) with its
+    pamfx IR as plain data: tensors, numbers, strings, lists and dicts, what `save` writes and
+    `decode` reads (also how worker processes hand networks back, `pamfx.pruning_jobs`)."""
     if not isinstance(module, fx.GraphModule):
         raise InputError(f"save: expected an fx.GraphModule (from pamfx.merge or pamfx.emit), got {type(module).__name__}")
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
@@ -210,10 +211,31 @@ def save(module: fx.GraphModule, path: str | os.PathLike) -> Path:
             "meta": {k: _encode(node.meta[k], f"node {node.name!r}") for k in ALL_KEYS if k in node.meta},
             "module_stack": _module_stack(node),
         })
-    data = {
+    return {
         "format": FORMAT, "version": VERSION, "class_name": type(module).__name__, "training": module.training,
         "input": {"shape": list(meta.shape), "dtype": meta.dtype}, "nodes": nodes, "attributes": attributes,
     }
+
+
+def decode(data: Any, where: str) -> fx.GraphModule:
+    """The GraphModule `encode` gave ``data`` for, with its IR and shapes; ``where`` names the data's
+    source in errors."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise InputError(f"load: {where} is not a file written by pamfx.save")
+    if data.get("version") != VERSION:
+        raise InputError(f"load: {where} has format version {data.get('version')}, this pamfx reads {VERSION}")
+    try:
+        gm = _rebuild(data)
+        gm.training = bool(data["training"])
+        example = torch.zeros([1] + list(data["input"]["shape"][1:]), dtype=data["input"]["dtype"])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ImportError, RuntimeError) as exc:
+        raise InputError(f"load: {where} is malformed ({type(exc).__name__}: {exc})") from exc
+    return shape_propagate(gm, example, f"module loaded from {where}")
+
+
+def save(module: fx.GraphModule, path: str | os.PathLike) -> Path:
+    """Write ``module`` with its pamfx IR (`encode`) to ``path``, atomically; return the path. See `load`."""
+    data = encode(module)
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(data, tmp)
@@ -226,14 +248,4 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
         data = torch.load(Path(path), weights_only=True)
     except Exception as exc:  # a missing, truncated or foreign file: torch raises many types
         raise InputError(f"load: cannot read {path} as a pamfx file ({type(exc).__name__}: {str(exc)[:200]})") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise InputError(f"load: {path} is not a file written by pamfx.save")
-    if data.get("version") != VERSION:
-        raise InputError(f"load: {path} has format version {data.get('version')}, this pamfx reads {VERSION}")
-    try:
-        gm = _rebuild(data)
-        gm.training = bool(data["training"])
-        example = torch.zeros([1] + list(data["input"]["shape"][1:]), dtype=data["input"]["dtype"])
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ImportError, RuntimeError) as exc:
-        raise InputError(f"load: {path} is malformed ({type(exc).__name__}: {exc})") from exc
-    return shape_propagate(gm, example, f"module loaded from {path}")
+    return decode(data, str(path))

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,8 +11,8 @@ import pamfx
 
 from pamfx.cli import load_config, main
 from pamfx.errors import InputError
-from pamfx.experiment import (ExperimentConfig, StartPoint, choose_alpha, choose_pruned, prune_runs, results_dict,
-                              run_comparison)
+from pamfx.experiment import (ExperimentConfig, StartPoint, _seed_dict, best_run, choose_alpha, choose_pruned,
+                              results_dict, run_comparison)
 from pamfx.ir.task_set import TaskSpace
 from pamfx.passes.prune import Checkpoint, Trajectory
 from pamfx.report import format_table, write_report
@@ -137,6 +138,9 @@ def test_config_files(tmp_path):
     for bad in (0, 1.5, True):
         with pytest.raises(InputError, match="prune_restarts"):
             ExperimentConfig.from_mapping({"prune_restarts": bad})
+    for bad in (-1, 2.5, False):
+        with pytest.raises(InputError, match="prune_rescue_steps"):
+            ExperimentConfig.from_mapping({"prune_rescue_steps": bad})
 
 
 @pytest.mark.parametrize("restarts", [1, 3])
@@ -150,21 +154,39 @@ def test_every_method_keeps_the_best_of_as_many_pruning_runs_as_pam(restarts, un
         assert config.pruning_runs(method) == (pam if equal else restarts)
 
 
-def test_prune_runs_prunes_every_candidate_with_each_restart_and_keeps_the_best():
-    """A stand-in pruner returns a known trajectory per (network, restart); the kept run is
-    `choose_pruned`'s over all runs, and every run is recorded under its candidate's name."""
+def test_best_run_keeps_the_cheapest_matched_run_of_every_candidate_and_records_each():
+    """Known trajectories per (candidate, restart): the kept run is `choose_pruned`'s over all runs,
+    and every run is recorded under its candidate's name, in order."""
     points = {("R", 0): (5e3, 0.9, 0.9), ("R", 1): (2e3, 0.9, 0.8), ("U", 0): (4e3, 0.9, 0.9), ("U", 1): (3e3, 0.9, 0.9)}
-    calls = []
-
-    def pruner(network, restart):
-        calls.append((network, restart))
-        return _trajectory([points[network, restart]])
-
-    name, trajectory, runs = prune_runs([("regrouped", pruner, "R"), ("unshared", pruner, "U")], 2, 0.01)
-    assert calls == [("R", 0), ("R", 1), ("U", 0), ("U", 1)]
-    assert name == "unshared" and trajectory.select(0.01).expected_flops == 3e3  # 2e3 misses the tolerance
+    named = [(name, _trajectory([points[key, r]])) for name, key in (("regrouped", "R"), ("unshared", "U"))
+             for r in range(2)]
+    name, trajectory, runs = best_run(named, 0.01)
+    assert name == "unshared" and trajectory is named[3][1]  # 2e3 misses the tolerance
     assert [(r.expected_flops, r.matched, r.kept) for r in runs["regrouped"]] == [(5e3, True, False), (2e3, False, False)]
     assert [(r.expected_flops, r.matched, r.kept) for r in runs["unshared"]] == [(4e3, True, False), (3e3, True, True)]
+
+
+def test_pruning_runs_in_worker_processes_give_exactly_the_results_of_one_process(tiny_results, tmp_path):
+    """Every pruning run draws its own data order (`_Pruner`), so running a seed's runs on two
+    worker processes (`run_jobs`) changes nothing but the time: every trajectory, selection and
+    selected network is the one the fixture computed in this process."""
+    runs, results = tiny_results
+    config = ExperimentConfig.from_mapping(dict(TINY, pruner=results["config"]["pruner"], seeds=[0], latency=False,
+                                                cache=str(tmp_path)))
+    parallel = run_comparison(config, progress=False, log=lambda *_: None, workers=2)[0]
+
+    def comparable(run):
+        return {k: v for k, v in _seed_dict(run, config.search_tolerance).items() if k != "seconds"}
+
+    assert comparable(parallel) == comparable(runs[0])
+    for method, result in runs[0].methods.items():
+        ours = result.network if isinstance(result.network, dict) else {method: result.network}
+        theirs = (parallel.methods[method].network if isinstance(result.network, dict)
+                  else {method: parallel.methods[method].network})
+        for name, network in ours.items():
+            a, b = network.state_dict(), theirs[name].state_dict()
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            assert pamfx.read_multitask(network).grouping() == pamfx.read_multitask(theirs[name]).grouping()
 
 
 def test_cli_help_and_errors(tmp_path, capsys):
@@ -250,7 +272,7 @@ def test_the_table_flags_a_method_whose_unpruned_network_starts_below_the_tolera
 @given(st.lists(st.tuples(st.floats(1e3, 1e7), st.floats(-0.05, 0.05), st.floats(-0.05, 0.05)), min_size=1, max_size=6),
        st.floats(0, 0.03))
 def test_alpha_is_the_cheapest_matchable_start_else_the_least_deficient(starts, tolerance):
-    points = [StartPoint(alpha=i / 10, expected_flops=f, sharing={}, gap={"A": a, "B": b}, network=None, train=None)
+    points = [StartPoint(alpha=i / 10, expected_flops=f, sharing={}, gap={"A": a, "B": b}, network=None)
               for i, (f, a, b) in enumerate(starts)]
     chosen = choose_alpha(points, tolerance)
     matchable = [p for p in points if min(p.gap.values()) >= -tolerance]

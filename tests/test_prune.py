@@ -10,7 +10,7 @@ from pamfx.analysis.cost import (channel_flops, combination_weights, cross_origi
                                  expected_channel_flops)
 from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSpace
-from pamfx.passes.finetune import connection_masks, multilabel_loss
+from pamfx.passes.finetune import connection_masks, finetune, multilabel_loss
 from pamfx.passes.merge import as_multitask
 from pamfx.passes.prune import (Checkpoint, Trajectory, accuracy_standard_error, check_calibration_noise,
                                 compose_selection, iterative_prune, recover)
@@ -250,6 +250,36 @@ def test_a_failed_round_halves_the_step_and_an_accepted_round_doubles_it_back():
                                  progress=False)
     assert [p.accepted for p in trajectory.checkpoints] == [True, True, False, False, True, True, True]
     assert fractions == pytest.approx([0.2, 0.2, 0.1, 0.05, 0.1, 0.2])
+
+
+def test_a_round_that_drifts_past_the_tolerance_is_fine_tuned_longer_before_it_is_judged(monkeypatch):
+    single = as_multitask(two_output_models("lenet5", 2)["A"], example_input(), "A")
+    loader, label_map = synthetic_task_data(2)
+    weights = combination_weights(TaskSpace(("A",)))
+    steps = []
+
+    def counting_finetune(gm, *args, max_steps=None, **kwargs):
+        steps.append(max_steps)
+        return finetune(gm, *args, max_steps=max_steps, **kwargs)
+
+    monkeypatch.setattr("pamfx.passes.prune.finetune", counting_finetune)
+
+    def propose(point, budget, protected):
+        uniform = {name: torch.ones(rec.width) for name, rec in pamfx.read_multitask(point.network).records.items()}
+        return channels_to_remove(point.network, uniform, expected_channel_flops(point.network, weights), budget, protected)
+
+    # the unpruned network; round 1 drifts 0.7 points (within the search tolerance) and is rescued to
+    # -0.1; round 2 falls 2 points and is rescued to -0.8 (accepted); round 3 needs no rescue; round 4
+    # falls 3 points and stays 2 below after its rescue (failed)
+    outcomes = iter([1.0, 0.993, 0.999, 0.98, 0.992, 0.996, 0.97, 0.98])
+    trajectory = iterative_prune(single, propose, loader, multilabel_loss({"A": label_map["A"]}),
+                                 lambda net: {"A": next(outcomes)}, reference={"A": 1.0}, weights=weights,
+                                 search_tolerance=0.01, tolerance=0.005, rescue_steps=7, step_fraction=0.1,
+                                 finetune_steps=1, max_rounds=4, progress=False)
+    assert steps == [1, 7, 1, 7, 1, 1, 7]
+    assert [(p.accepted, p.accuracy["A"]) for p in trajectory.checkpoints] == [
+        (True, 1.0), (True, 0.999), (True, 0.992), (True, 0.996), (False, 0.98)]
+    assert next(outcomes, None) is None
 
 
 def test_patience_stops_after_failed_rounds_in_a_row():

@@ -191,6 +191,8 @@ def iterative_prune(
     seed: int = 0,
     schedule: str = "cosine",
     per_component: bool = False,
+    tolerance: float | None = None,
+    rescue_steps: int = 0,
     progress: bool = True,
 ) -> Trajectory:
     """Prune ``gm`` round by round (see the module docstring); ``gm`` itself is not modified.
@@ -206,11 +208,19 @@ def iterative_prune(
     and a round keeps the pruned and fine-tuned version of the components whose tasks stayed within
     ``search_tolerance`` and the previous version of the others, those that failed or were done
     (`compose_components`).
+
+    With ``rescue_steps`` > 0, a round that leaves a pruned task more than ``tolerance`` (the
+    selection tolerance, default ``search_tolerance``) below its reference is fine-tuned
+    ``rescue_steps`` more minibatches before it is judged. Without it each accepted round keeps the
+    accuracy its short fine-tune did not win back, the losses add up until the search tolerance
+    stops the run, and where that drift crosses the selection tolerance depends on the data order
+    (docs/pruning.md, "Rescue").
     """
     if not 0 < step_fraction <= 1:
         raise InputError(f"step_fraction must be in (0, 1], got {step_fraction}")
-    if search_tolerance < 0 or not 0 <= floor < 1 or patience < 1 or max_rounds < 0:
-        raise InputError("need search_tolerance >= 0, 0 <= floor < 1, patience >= 1 and max_rounds >= 0")
+    if search_tolerance < 0 or not 0 <= floor < 1 or patience < 1 or max_rounds < 0 or rescue_steps < 0:
+        raise InputError("need search_tolerance >= 0, 0 <= floor < 1, patience >= 1, max_rounds >= 0 and rescue_steps >= 0")
+    drift = search_tolerance if tolerance is None else tolerance
     tasks = read_multitask(gm).tasks
     trajectory = Trajectory(tasks, dict(reference), dict(weights))
     current = trajectory.record(0, gm, evaluate(gm), accepted=True)
@@ -242,6 +252,11 @@ def iterative_prune(
                                  max_steps=finetune_steps, lr=lr, recalibrate_bn=False, seed=seed + round_, schedule=schedule,
                                  progress=False)
             accuracy = evaluate(candidate)
+            if rescue_steps and any(reference[t] - accuracy[t] > drift for c in proposals for t in tasks.ordered_names(c)):
+                candidate = finetune(candidate, train_loader, loss_fn, epochs=0, max_steps=rescue_steps, lr=lr,
+                                     recalibrate_bn=False, seed=seed + round_ + max_rounds, schedule=schedule,
+                                     progress=False)
+                accuracy = evaluate(candidate)
             ok = {c: all(accuracy[t] >= reference[t] - search_tolerance for t in tasks.ordered_names(c))
                   for c in proposals}
             taken = {c: ok.get(c, False) for c in components}  # a component not pruned this round stays as it was

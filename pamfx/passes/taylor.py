@@ -162,7 +162,8 @@ def prune_taylor(
     one task), spare accuracy counting for at most ``balance_spare`` tolerances; ``exclusive=False``
     prunes the shared groups only (`channels_to_remove`). ``loop`` takes the round-loop options of
     `iterative_prune` (``step_fraction``, ``finetune_steps``, ``lr``, ``floor``, ``max_rounds``,
-    ``patience``, ``seed``, ``schedule``, ``per_component``, ``progress``).
+    ``patience``, ``seed``, ``schedule``, ``per_component``, ``rescue_steps``, ``progress``); ``tolerance``
+    is also the round loop's rescue threshold.
     """
     scored: dict[str, object] = {}  # this round's scores: a round may ask once per component (`Propose`)
 
@@ -176,4 +177,4 @@ def prune_taylor(
         return channels_to_remove(network, scored["importance"], scored["cost"], budget, protected, exclusive)
 
     return iterative_prune(gm, propose, train_loader, loss_fn, evaluate, reference=reference, weights=weights,
-                           search_tolerance=search_tolerance, **loop)
+                           search_tolerance=search_tolerance, tolerance=tolerance, **loop)
