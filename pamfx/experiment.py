@@ -545,8 +545,8 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
     return run
 
 
-def _baseline1(pruned: Mapping[str, tuple[str, Trajectory, list[PruningRun]]], tolerance: float, test: Dataset,
-               label_map: Mapping[str, list[int]]) -> MethodResult:
+def _baseline1(pruned: Mapping[str, tuple[str, Trajectory, dict[str, list[PruningRun]]]], tolerance: float,
+               test: Dataset, label_map: Mapping[str, list[int]]) -> MethodResult:
     """Baseline 1: every single-task network (`as_multitask` form, fine-tuned as the merged networks
     are) pruned on its own, its best run kept (``pruned``: `best_run` per task); a combination costs
     the sum of its tasks'."""
