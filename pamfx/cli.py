@@ -60,8 +60,10 @@ def load_config(path: Path) -> ExperimentConfig:
     return ExperimentConfig.from_mapping(values)
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def default_workers(threads_per_worker: int) -> int:
+    """Worker processes that fill the CPU cores when each runs ``threads_per_worker`` torch threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, threads_per_worker))
 
 
 def _run(config: ExperimentConfig, out: Path, progress: bool, workers: int) -> int:
@@ -98,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--out", type=Path, default=Path("pamfx-reproduction"), help="output folder (default: pamfx-reproduction)")
     cmd.add_argument("--force", action="store_true", help="rerun runs whose results.json already holds the same config")
     cmd.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
-    cmd.add_argument("--jobs", type=int, default=1, help="runs at once, in worker processes (default 1)")
+    cmd.add_argument("--jobs", type=int, default=1, help="seeds at once, in worker processes (default 1)")
+    cmd.add_argument("--workers", type=int, help="pruning runs of each seed at once, in worker processes "
+                     "(default: CPU cores / (--threads x --jobs); the results do not depend on it)")
     cmd.add_argument("--report", action="store_true",
                      help="run nothing: write REPRODUCTION.md from the runs --out already holds (the rest marked not run)")
     cmd.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -113,8 +117,9 @@ def _reproduce(args: argparse.Namespace) -> int:
         plan = dataclasses.replace(plan, seeds=list(args.seeds))
     plan.validate()
     command = "pamfx reproduce" + " --quick" * args.quick + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
+    workers = args.workers if args.workers is not None else default_workers(args.threads * max(1, args.jobs))
     path = reproduce(args.out, plan, force=args.force, progress=not args.no_progress, command=command, jobs=args.jobs,
-                     report_only=args.report)
+                     report_only=args.report, workers=workers)
     print(f"written: {path}")
     return 0
 
@@ -129,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seeds:
             config = dataclasses.replace(config, seeds=list(args.seeds))
             config.validate()
-        workers = args.workers if args.workers is not None else max(1, _cores() // max(1, args.threads))
+        workers = args.workers if args.workers is not None else default_workers(args.threads)
         if workers < 1:
             raise InputError(f"--workers must be >= 1, got {workers}")
         return _run(config, args.out, progress=not args.no_progress, workers=workers)

@@ -196,17 +196,18 @@ def saved_seed(folder: Path, config: ExperimentConfig, seed: int) -> Results | N
 
 
 def run_seed_into(folder: Path, config: ExperimentConfig, seed: int, *, force: bool = False, progress: bool = True,
-                  log: Callable[[str], None] = print) -> Results:
+                  log: Callable[[str], None] = print, workers: int = 1) -> Results:
     """One seed of the comparison of ``config``, saved atomically as `seed_file` as soon as it ends (read
     back instead when ``folder`` already holds it, unless ``force``); the α trace of the config's first
-    seed (Fig. 4.7) is written beside. A run cut off midway keeps its finished seeds."""
+    seed (Fig. 4.7) is written beside. A run cut off midway keeps its finished seeds. ``workers``: the
+    seed's pruning runs at once (`run_seed`; the results do not depend on it)."""
     saved = None if force else saved_seed(folder, config, seed)
     if saved is not None:
         log(f"seed {seed}: read back from {seed_file(folder, seed)}")
         return saved
     config.validate()
     started = time.perf_counter()
-    run = run_seed(config, seed, progress, log)
+    run = run_seed(config, seed, progress, log, workers=workers)
     record = {"config": _config_json(dataclasses.replace(config, seeds=[seed])),
               "results": seed_results(config, run), "wall_seconds": time.perf_counter() - started}
     if seed == config.seeds[0] and run.regrouping is not None:
@@ -228,18 +229,19 @@ def finish_run(folder: Path, config: ExperimentConfig, seeds: list[Results]) -> 
 
 
 def run_into(folder: Path, config: ExperimentConfig, *, force: bool = False, progress: bool = True,
-             log: Callable[[str], None] = print) -> Results:
+             log: Callable[[str], None] = print, workers: int = 1) -> Results:
     """The comparison of ``config`` with its report (results.json, table.txt, plots) in ``folder``.
 
     When ``folder`` already holds the results of the same configuration they are read back instead
-    (``force`` reruns); so are the seeds of an interrupted run (`run_seed_into`). Used by `reproduce`
-    and by tools/bench_gain.py.
+    (``force`` reruns); so are the seeds of an interrupted run (`run_seed_into`, with ``workers``). Used
+    by `reproduce` and by tools/bench_gain.py.
     """
     saved = None if force else saved_results(folder, config)
     if saved is not None:
         log(f"read back from {Path(folder) / 'results.json'}")
         return saved
-    seeds = [run_seed_into(folder, config, seed, force=force, progress=progress, log=log) for seed in config.seeds]
+    seeds = [run_seed_into(folder, config, seed, force=force, progress=progress, log=log, workers=workers)
+             for seed in config.seeds]
     return finish_run(folder, config, seeds)
 
 
@@ -617,12 +619,13 @@ def _pending(title: str, names: list[str]) -> list[str]:
     return [f"## {title}", "", f"Not run yet: {', '.join(names)}.", ""]
 
 
-def _seed_job(folder: Path, config: ExperimentConfig, seed: int, force: bool, name: str, threads: int) -> Results:
+def _seed_job(folder: Path, config: ExperimentConfig, seed: int, force: bool, name: str, threads: int,
+              workers: int) -> Results:
     """One seed of a run in a worker process of `reproduce` (``jobs > 1``): no progress bars, lines
     prefixed by the run."""
     torch.set_num_threads(threads)
     return run_seed_into(folder, config, seed, force=force, progress=False,
-                         log=lambda line: print(f"{name}: {line}", flush=True))
+                         log=lambda line: print(f"{name}: {line}", flush=True), workers=workers)
 
 
 def _spread(configs: Mapping[str, ExperimentConfig]) -> list[str]:
@@ -638,17 +641,18 @@ def _spread(configs: Mapping[str, ExperimentConfig]) -> list[str]:
 
 def reproduce(out: str | Path, plan: ReproductionPlan = FULL, *, force: bool = False, progress: bool = True,
               log: Callable[[str], None] = print, command: str = "pamfx reproduce", jobs: int = 1,
-              report_only: bool = False) -> Path:
+              report_only: bool = False, workers: int = 1) -> Path:
     """Run every section of ``plan`` and write ``out/REPRODUCTION.md`` with its plots; returns its path.
 
     ``jobs > 1`` runs that many seeds at once in worker processes (each with this process's torch thread
     count, no progress bars): the seeds of every run are independent, so the document is the same, and
-    a long run's seeds run side by side. ``report_only``
+    a long run's seeds run side by side. ``workers``: each seed's pruning runs at once (`run_seed`), in
+    every job. ``report_only``
     runs nothing: the document is written from the runs ``out`` already holds, and the sections of the
     others say that they have not run yet.
     """
-    if jobs < 1:
-        raise InputError(f"jobs must be >= 1, got {jobs}")
+    if jobs < 1 or workers < 1:
+        raise InputError(f"jobs and workers must be >= 1, got {jobs} and {workers}")
     plan.validate()
     out = Path(out)
     started = time.perf_counter()
@@ -670,7 +674,7 @@ def reproduce(out: str | Path, plan: ReproductionPlan = FULL, *, force: bool = F
     elif jobs == 1:
         for name, config in configs.items():
             results[name] = run_into(out / name, config, force=force, progress=progress,
-                                     log=lambda line, name=name: log(f"{name}: {line}"))
+                                     log=lambda line, name=name: log(f"{name}: {line}"), workers=workers)
     else:
         for name, config in configs.items():
             if not force and (saved := saved_results(out / name, config)) is not None:
@@ -680,7 +684,7 @@ def reproduce(out: str | Path, plan: ReproductionPlan = FULL, *, force: bool = F
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
             futures = {(name, seed): pool.submit(_seed_job, out / name, todo[name], seed, force, name,
-                                                 torch.get_num_threads())
+                                                 torch.get_num_threads(), workers)
                        for name in _spread(todo) for seed in todo[name].seeds}
             for name, config in todo.items():
                 results[name] = finish_run(out / name, config, [futures[name, seed].result() for seed in config.seeds])

@@ -105,7 +105,7 @@ def test_bad_input_is_named(networks):
 def tiny_results(tmp_path_factory):
     from test_experiment import TINY
 
-    config = ExperimentConfig.from_mapping(dict(TINY, latency_batches=[1, 2], latency_repeats=2,
+    config = ExperimentConfig.from_mapping(dict(TINY, latency=True, latency_batches=[1, 2], latency_repeats=2,
                                                 cache=str(tmp_path_factory.mktemp("cache"))))
     runs = run_comparison(config, progress=False, log=lambda *_: None)
     return runs, results_dict(config, runs)
@@ -157,7 +157,8 @@ def test_latency_can_be_left_out(tiny_results, tmp_path):
 def test_pam_alone_is_timed_without_gains(networks, tmp_path):
     from test_experiment import TINY
 
-    config = ExperimentConfig.from_mapping(dict(TINY, seeds=[0], methods=["pam"], latency_repeats=1, cache=str(tmp_path)))
+    config = ExperimentConfig.from_mapping(dict(TINY, seeds=[0], methods=["pam"], latency=True, latency_repeats=1,
+                                                cache=str(tmp_path)))
     runs = run_comparison(config, progress=False, log=lambda *_: None)
     results = results_dict(config, runs)
     assert set(results["seeds"][0]["combinations"][0]["latency"]) == {"pam"}

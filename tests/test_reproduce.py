@@ -21,7 +21,7 @@ from pamfx.reproduce import (FULL, PAPER_TABLE_4_2, QUICK, ReproductionPlan, _ga
 TINY_RUN = dict(dataset="tiled-digits", n_train=160, n_calib=120, n_test=80, epochs=1, finetune_epochs=1,
                 prune_rounds=1, prune_finetune_steps=2, prune_step=0.3, importance_batches=1, tolerance=0.05,
                 search_tolerance=0.1, vib_epochs=1, mtz_samples=40, mtz_finetune_steps=2, recover_candidates=0,
-                regroup_samples=60, methods=["baseline1", "mtz", "pam"], width=0.5)
+                regroup_samples=60, methods=["baseline1", "mtz", "pam"], width=0.5, latency=False)
 TINY = ReproductionPlan(
     name="tiny", seeds=[0, 1], common=TINY_RUN,
     tables={"4.2-P1": dict(model="lenet5", tasks=2), "4.2-P2": dict(model="lenet5", tasks=2),
@@ -168,8 +168,9 @@ def test_parallel_jobs_write_the_same_document(reproduction, tmp_path, capfd):
             _timeless(json.loads((out / name / "results.json").read_text()))
         assert sorted(p.name for p in (again / name / "seeds").iterdir()) == [f"seed-{s}.json" for s in TINY.seeds]
     assert document.split("## Table 4.2 analogue")[1] == path.read_text().split("## Table 4.2 analogue")[1]
-    with pytest.raises(InputError, match="jobs must be >= 1"):
-        reproduce(out, TINY, jobs=0)
+    for bad in (dict(jobs=0), dict(workers=0)):
+        with pytest.raises(InputError, match="jobs and workers must be >= 1"):
+            reproduce(out, TINY, **bad)
 
 
 @pytest.mark.slow
@@ -179,11 +180,11 @@ def test_a_run_cut_off_midway_keeps_its_finished_seeds(reproduction, tmp_path, m
     folder = tmp_path / "4.2-P2"
     calls: list[int] = []
 
-    def cut_off_at_the_last_seed(config, seed, progress, log):
+    def cut_off_at_the_last_seed(config, seed, progress, log, workers):
         calls.append(seed)
         if seed == config.seeds[-1]:
             raise RuntimeError("the machine stopped")
-        return run_seed(config, seed, progress, log)
+        return run_seed(config, seed, progress, log, workers=workers)
 
     monkeypatch.setattr("pamfx.reproduce.run_seed", cut_off_at_the_last_seed)
     with pytest.raises(RuntimeError, match="the machine stopped"):
@@ -192,10 +193,17 @@ def test_a_run_cut_off_midway_keeps_its_finished_seeds(reproduction, tmp_path, m
     assert (folder / "alpha_trace.png").exists() and saved_seed(folder, config, 0) is not None
 
     calls.clear()
-    monkeypatch.setattr("pamfx.reproduce.run_seed", lambda c, s, p, log: calls.append(s) or run_seed(c, s, p, log))
+    passed: list[int] = []
+
+    def record_workers(c, s, p, log, workers):  # the workers run_into passes on; this process runs the seed
+        calls.append(s)
+        passed.append(workers)
+        return run_seed(c, s, p, log)
+
+    monkeypatch.setattr("pamfx.reproduce.run_seed", record_workers)
     lines: list[str] = []
-    results = run_into(folder, config, progress=False, log=lines.append)
-    assert calls == [1] and lines[0] == f"seed 0: read back from {folder / 'seeds' / 'seed-0.json'}"
+    results = run_into(folder, config, progress=False, log=lines.append, workers=3)
+    assert calls == [1] and passed == [3] and lines[0] == f"seed 0: read back from {folder / 'seeds' / 'seed-0.json'}"
     assert _timeless(results) == _timeless(json.loads((out / "4.2-P2" / "results.json").read_text()))
     assert results["wall_seconds"] == pytest.approx(sum(saved_seed(folder, config, s)["wall_seconds"] for s in (0, 1)))
 

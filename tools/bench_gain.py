@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pamfx.cli import load_config
+from pamfx.cli import default_workers, load_config
 from pamfx.experiment import ExperimentConfig
 from pamfx.report import format_table
 from pamfx.reproduce import run_into
@@ -36,12 +36,12 @@ def config_of(setting: str) -> ExperimentConfig:
     return load_config(ROOT / "configs" / f"{setting}.toml")
 
 
-def run_setting(setting: str, seeds: list[int] | None, out: Path, force: bool, progress: bool) -> dict:
+def run_setting(setting: str, seeds: list[int] | None, out: Path, force: bool, progress: bool, workers: int) -> dict:
     config = config_of(setting)
     if seeds:
         config = dataclasses.replace(config, seeds=seeds)
     results = run_into(out / setting, config, force=force, progress=progress,
-                       log=lambda line: print(f"{setting}: {line}", flush=True))
+                       log=lambda line: print(f"{setting}: {line}", flush=True), workers=workers)
     print(format_table(results), flush=True)
     return results
 
@@ -75,15 +75,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-gain-out"))
     parser.add_argument("--force", action="store_true", help="rerun settings whose results exist")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, help="pruning runs of a seed at once (default: CPU cores / --threads)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     unknown = set(args.settings) - set(SETTINGS)
     if unknown:
         parser.error(f"unknown settings {sorted(unknown)}; known: {SETTINGS}")
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
-          f"torch {torch.__version__}")
-    results = {s: run_setting(s, args.seeds, args.out, args.force, not args.no_progress) for s in args.settings}
+    workers = args.workers if args.workers is not None else default_workers(args.threads)
+    if workers < 1:
+        parser.error(f"--workers must be >= 1, got {workers}")
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s) in each "
+          f"of {workers} pruning worker(s), torch {torch.__version__}")
+    results = {s: run_setting(s, args.seeds, args.out, args.force, not args.no_progress, workers) for s in args.settings}
     print()
     print(summary_table(results))
 
