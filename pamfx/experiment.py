@@ -500,14 +500,14 @@ def run_seed(config: ExperimentConfig, seed: int, progress: bool = True, log: Ca
             candidates[method] = {method: merged}
         seconds[method] = time.perf_counter() - start
 
-    jobs = [PruningJob(f"{method}/{name}", pruner, network, r, size=cost(network).flops)
+    jobs = {(method, name, r): PruningJob(f"{method}/{name}", pruner, network, r, size=cost(network).flops)
             for method in config.methods for name, network in candidates[method].items()
-            for r in range(config.pruning_runs(method))]
+            for r in range(config.pruning_runs(method))}
     log(f"[seed {seed}] [{len(config.methods) + 2}/{len(config.methods) + 2}] {config.pruner} pruning: "
         f"{len(jobs)} runs" + (f", {min(workers, len(jobs))} at once" if workers > 1 else ""))
-    done = iter(run_jobs(jobs, workers, progress))
+    done = dict(zip(jobs, run_jobs(list(jobs.values()), workers, progress)))
     for method in config.methods:
-        named = [(name, next(done)) for name in candidates[method] for _ in range(config.pruning_runs(method))]
+        named = [(name, done[method, name, r]) for name in candidates[method] for r in range(config.pruning_runs(method))]
         seconds[method] += sum(result.seconds for _, result in named)
         if method == "baseline1":
             run.methods[method] = _baseline1({t: best_run([(t, r.trajectory) for n, r in named if n == t], config.tolerance)
