@@ -385,6 +385,26 @@ def test_vib_checkpoints_within_epochs_and_patience_counts_epochs():
         prune_vib(network, loader, loss, lambda net: {}, checkpoints=0, **common)
 
 
+def test_vib_alternates_tasks_only_within_an_independent_component():
+    """In the alternating phase the tasks of one component take turns; the networks of the unshared
+    merge are independent components, so each trains on every minibatch: exactly the joint schedule."""
+    models = two_output_models("lenet5", 2)
+    layers = pamfx.organise_layers(models, example_input())
+    loader, label_map = synthetic_task_data(2)
+    loss = multilabel_loss(label_map)
+    common = dict(reference={t: 0.5 for t in "AB"}, weights=combination_weights(TaskSpace(("A", "B"))),
+                  search_tolerance=0.0, epochs=2, kl_weight=1.0, gate_lr=0.2, progress=False)
+    for grouping, independent in ((pamfx.Grouping.origin(layers), True), ("shared", False)):
+        network = pamfx.merge(models, example_input(), grouping, layers=layers)
+        runs = [prune_vib(network, synthetic_task_data(2)[0], loss, lambda net: {t: 0.5 for t in "AB"},
+                          alternate=alternate, **common) for alternate in (True, False)]  # the same data order
+        first, second = (run.checkpoints[-1].network.state_dict() for run in runs)
+        same = first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+        assert same == independent
+    with pytest.raises(InputError, match="alternate_groups name tasks"):
+        finetune(network, loader, loss, epochs=1, alternate=True, alternate_groups=[["A", "C"]], progress=False)
+
+
 @pytest.mark.parametrize("recoverable", [0, 2, 5, 6])
 def test_recovery_bisects_for_the_cheapest_checkpoint_that_comes_back(recoverable):
     single = as_multitask(two_output_models("lenet5", 2)["A"], example_input(), "A")

@@ -113,6 +113,7 @@ def finetune(
     extra_params: Sequence[nn.Parameter] = (),
     extra_lr: float | None = None,
     alternate: bool = False,
+    alternate_groups: Sequence[Sequence[str]] | None = None,
     schedule: str = "constant",
 ) -> fx.GraphModule:
     """Fine-tune a merged network in place on all tasks together; returns it.
@@ -126,7 +127,10 @@ def finetune(
     appended to ``history`` when given. ``module`` runs the forward instead of ``gm`` (a module
     built over ``gm``'s parameters, e.g. with pruning gates), ``penalty()`` is added to the loss,
     ``extra_params`` (e.g. the gates) are trained with ``extra_lr``; ``alternate`` uses one task's
-    loss per step, in turn (A → B → … → A, Sec. 4.6.1), instead of all tasks' losses.
+    loss per step, in turn (A → B → … → A, Sec. 4.6.1), instead of all tasks' losses. The tasks
+    take turns within each of ``alternate_groups`` (default: one group of every task), every group
+    at once: tasks whose parameters are disjoint (independent components) need not take turns, and
+    each then trains on every step, as it would alone.
     ``schedule="cosine"`` anneals every learning rate to 0 over the run (`CosineAnnealingLR`, one
     step per minibatch): the network ends at a settled point instead of wherever the last constant-
     rate steps left it, which makes the accuracies of successive pruning checkpoints comparable.
@@ -161,8 +165,11 @@ def finetune(
             for x, y in progress_bar(loader, desc=f"fine-tune {epoch}/{epochs or '…'}", enabled=progress):
                 losses = loss_fn(run(x), y)
                 if alternate:
-                    names = sorted(losses)
-                    losses = {names[steps % len(names)]: losses[names[steps % len(names)]]}
+                    turns = [sorted(g) for g in alternate_groups] if alternate_groups else [sorted(losses)]
+                    if unknown := {t for g in turns for t in g} - set(losses):
+                        raise InputError(f"finetune: alternate_groups name tasks {sorted(unknown)} that the loss "
+                                         f"does not have (its tasks: {sorted(losses)})")
+                    losses = {g[steps % len(g)]: losses[g[steps % len(g)]] for g in turns}
                 loss = sum(losses.values())
                 if penalty is not None:
                     loss = loss + penalty()

@@ -9,7 +9,9 @@ where ``kl_mult`` is proportional to the channel's *expected* FLOPs over the tas
 that run it (the paper's per-layer kl_mult, made cost-aware) and averages 1.
 
 Schedule (Sec. 4.6.1): for a merged network, a joint phase (all tasks' losses) for the first half of
-the epochs, then an alternating per-task phase (A → B → … per minibatch). After every epoch the
+the epochs, then an alternating per-task phase (A → B → … per minibatch). Tasks take turns only
+within an independent component (`task_components`): the networks of the unshared merge each train
+on every minibatch, as baseline 1's single networks do. After every epoch the
 gates are folded into the consumers' weights — a gate scales its channel's columns in every
 dense op and head that reads the layer, exactly — pruned channels are removed with
 `select_channels`, and the network is recorded in the trajectory, so `emit` and `cost` apply
@@ -28,6 +30,7 @@ from pamfx.analysis.cost import expected_channel_flops
 from pamfx.analysis.channel_rules import Role
 from pamfx.analysis.layer_organisation import Submodules
 from pamfx.analysis.multitask_view import MultitaskView, read_multitask
+from pamfx.analysis.task_components import task_components
 from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet
 from pamfx.passes.finetune import TaskLoss, finetune
@@ -203,6 +206,7 @@ def prune_vib(
     kl_mult = {l: (flops[l] / max(mean_cost, 1.0)).to(torch.float32) for l in layers}
 
     weight = [kl_weight]
+    turns = [view.tasks.ordered_names(c) for c in task_components(view)]
 
     def penalty() -> torch.Tensor:
         return weight[0] * sum((kl_mult[l] * g.kl()).sum() for l, g in gates.items())
@@ -215,7 +219,7 @@ def prune_vib(
         epoch = -(-step // checkpoints)
         finetune(net, train_loader, loss_fn, epochs=1, max_steps=steps, lr=lr, recalibrate_bn=False, seed=seed + step,
                  progress=progress, module=gated, penalty=penalty, extra_params=gate_params, extra_lr=gate_lr,
-                 alternate=alternate and len(view.tasks) > 1 and epoch > epochs // 2)
+                 alternate=alternate and len(view.tasks) > 1 and epoch > epochs // 2, alternate_groups=turns)
         candidate = fold_and_prune(net, gates)
         accuracy = evaluate(candidate)
         ok = all(accuracy[t] >= reference[t] - search_tolerance for t in accuracy)
