@@ -156,6 +156,7 @@ def finetune(
             raise InputError("finetune schedule='cosine' needs max_steps or a loader with a length")
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(min(bounds), 1))
     steps, epoch = 0, 0
+    turns: list[list[str]] | None = None  # the groups that take turns, fixed at the first minibatch
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         run.train()
@@ -165,10 +166,11 @@ def finetune(
             for x, y in progress_bar(loader, desc=f"fine-tune {epoch}/{epochs or '…'}", enabled=progress):
                 losses = loss_fn(run(x), y)
                 if alternate:
-                    turns = [sorted(g) for g in alternate_groups] if alternate_groups else [sorted(losses)]
-                    if unknown := {t for g in turns for t in g} - set(losses):
-                        raise InputError(f"finetune: alternate_groups name tasks {sorted(unknown)} that the loss "
-                                         f"does not have (its tasks: {sorted(losses)})")
+                    if turns is None:
+                        turns = [sorted(g) for g in alternate_groups] if alternate_groups else [sorted(losses)]
+                        if unknown := {t for g in turns for t in g} - set(losses):
+                            raise InputError(f"finetune: alternate_groups name tasks {sorted(unknown)} that the "
+                                             f"loss does not have (its tasks: {sorted(losses)})")
                     losses = {g[steps % len(g)]: losses[g[steps % len(g)]] for g in turns}
                 loss = sum(losses.values())
                 if penalty is not None:
