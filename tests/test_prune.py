@@ -405,6 +405,33 @@ def test_vib_alternates_tasks_only_within_an_independent_component():
         finetune(network, loader, loss, epochs=1, alternate=True, alternate_groups=[["A", "C"]], progress=False)
 
 
+def test_vib_accepts_independent_components_apart():
+    """On the unshared merge a task that fails keeps its last accepted version and is done after
+    ``patience`` failures; the other task's pruning goes on exactly as if every checkpoint passed."""
+    models = two_output_models("lenet5", 2)
+    layers = pamfx.organise_layers(models, example_input())
+    merged = pamfx.merge(models, example_input(), pamfx.Grouping.origin(layers), layers=layers)
+    label_map = synthetic_task_data(2)[1]
+    common = dict(reference={"A": 1.0, "B": 1.0}, weights=combination_weights(TaskSpace(("A", "B"))),
+                  search_tolerance=0.0, epochs=4, kl_weight=1.0, gate_lr=0.2, patience=1, progress=False)
+
+    def run(evaluate):  # the same data order and gates: evaluation does not steer training
+        return prune_vib(merged, synthetic_task_data(2)[0], multilabel_loss(label_map), evaluate, **common)
+
+    free = run(lambda net: {"A": 1.0, "B": 1.0}).checkpoints
+    assert len({p.flops[1] for p in free}) > 2 and len({p.flops[2] for p in free}) > 2  # both tasks are pruned
+    floor_a = free[2].flops[1]  # A fails below its FLOPs at checkpoint 2, B never
+    apart = run(lambda net: {"A": 1.0 if pamfx.cost(net, "A").flops >= floor_a else 0.9, "B": 1.0}).checkpoints
+    assert [p.round for p in apart] == [p.round for p in free] and all(p.accepted for p in apart)
+    assert [p.flops[2] for p in apart] == [p.flops[2] for p in free]  # B as if pruned on its own
+    last_a = max(p.round for p in free if p.flops[1] >= floor_a)
+    assert last_a < len(free) - 1
+    for point in apart[last_a + 1:]:  # A is done: it stays at its last accepted version
+        assert point.flops[1] == floor_a
+        assert torch.allclose(task_outputs(point.network, "A"), task_outputs(apart[last_a].network, "A"), atol=1e-6)
+        assert_emit_equivalent(point.network)
+
+
 @pytest.mark.parametrize("recoverable", [0, 2, 5, 6])
 def test_recovery_bisects_for_the_cheapest_checkpoint_that_comes_back(recoverable):
     single = as_multitask(two_output_models("lenet5", 2)["A"], example_input(), "A")

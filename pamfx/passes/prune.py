@@ -94,6 +94,18 @@ class Trajectory:
         self.checkpoints.append(point)
         return point
 
+    def record_components(self, round_: int, candidate: fx.GraphModule, accuracy: Mapping[str, float],
+                          passed: Mapping[TaskSet, bool], previous: Checkpoint, evaluate: Evaluate) -> Checkpoint:
+        """Record a round whose independent components (the keys of ``passed``) are judged apart:
+        ``candidate`` as it is where every component passed (accepted) or none did (rejected);
+        otherwise, accepted, the network composed of ``candidate``'s passing components and
+        ``previous``'s others (`compose`; exact, as the components share no channel), evaluated by
+        ``evaluate``. So one component's failure does not undo the others' progress."""
+        if all(passed.values()) or not any(passed.values()):
+            return self.record(round_, candidate, accuracy, accepted=all(passed.values()))
+        network = self.compose({c: candidate if ok else previous.network for c, ok in passed.items()})
+        return self.record(round_, network, evaluate(network), accepted=True)
+
     def accepted(self) -> list[Checkpoint]:
         return [c for c in self.checkpoints if c.accepted]
 
@@ -259,12 +271,9 @@ def iterative_prune(
                 accuracy = evaluate(candidate)
             ok = {c: all(accuracy[t] >= reference[t] - search_tolerance for t in tasks.ordered_names(c))
                   for c in proposals}
-            taken = {c: ok.get(c, False) for c in components}  # a component not pruned this round stays as it was
-            if all(taken.values()) or not any(taken.values()):
-                point = trajectory.record(round_, candidate, accuracy, accepted=all(taken.values()))
-            else:  # some components pruned, the others as they were: independent, so exact
-                network = trajectory.compose({c: candidate if taken[c] else current.network for c in components})
-                point = trajectory.record(round_, network, evaluate(network), accepted=True)
+            # a component not pruned this round stays as it was
+            point = trajectory.record_components(round_, candidate, accuracy, {c: ok.get(c, False) for c in components},
+                                                 current, evaluate)
             for c, removal in proposals.items():
                 if ok[c]:
                     failures[c], fraction[c] = 0, min(step_fraction, 2 * fraction[c])

@@ -15,7 +15,7 @@ on every minibatch, as baseline 1's single networks do. After every epoch the
 gates are folded into the consumers' weights — a gate scales its channel's columns in every
 dense op and head that reads the layer, exactly — pruned channels are removed with
 `select_channels`, and the network is recorded in the trajectory, so `emit` and `cost` apply
-unchanged. Layers read by a residual addition or an identity shortcut are not gated (a gate there
+unchanged; independent components are accepted apart, as baseline 1's networks are. Layers read by a residual addition or an identity shortcut are not gated (a gate there
 cannot be folded into a weight), as in the paper, which prunes ResNets with P2 only.
 """
 from __future__ import annotations
@@ -183,9 +183,13 @@ def prune_vib(
     ``checkpoints`` > 1 splits every epoch into that many equal runs of minibatches, each followed
     by a checkpoint, with the KL weight grown by ``kl_growth ** (1 / checkpoints)`` after each: the
     same schedule, sampled finer where a merged network's gates close within one epoch.
-    ``gm`` itself is not modified. A checkpoint whose network leaves a task more than
-    ``search_tolerance`` below its reference is recorded as rejected; training stops after
-    ``patience`` epochs' worth of rejected checkpoints in a row.
+    ``gm`` itself is not modified. Independent task components (`task_components`; the unshared
+    merge has one per task) are judged apart, as if each were pruned on its own: a component whose
+    tasks fall more than ``search_tolerance`` below their references fails the checkpoint, and
+    after ``patience`` epochs' worth of failures in a row it is done. A checkpoint where every
+    component passes is recorded as it is, one where none does as rejected, and otherwise the
+    network composed of the passing components' new version and the others' last accepted one
+    (`Trajectory.record_components`). Training stops when every component is done.
     """
     if epochs < 1 or kl_weight < 0 or kl_growth < 1 or patience < 1 or checkpoints < 1:
         raise InputError(f"need epochs >= 1, kl_weight >= 0, kl_growth >= 1, patience >= 1 and checkpoints >= 1, "
@@ -206,15 +210,16 @@ def prune_vib(
     kl_mult = {l: (flops[l] / max(mean_cost, 1.0)).to(torch.float32) for l in layers}
 
     weight = [kl_weight]
-    turns = [view.tasks.ordered_names(c) for c in task_components(view)]
+    components = task_components(view)
+    turns = [view.tasks.ordered_names(c) for c in components]
 
     def penalty() -> torch.Tensor:
         return weight[0] * sum((kl_mult[l] * g.kl()).sum() for l, g in gates.items())
 
     trajectory = Trajectory(view.tasks, dict(reference), dict(weights))
-    trajectory.record(0, gm, evaluate(gm), accepted=True)
+    current = trajectory.record(0, gm, evaluate(gm), accepted=True)
     gate_params = [p for g in gates.values() for p in g.parameters()]
-    failures = 0
+    failures = dict.fromkeys(components, 0)
     for step in range(1, epochs * checkpoints + 1):
         epoch = -(-step // checkpoints)
         finetune(net, train_loader, loss_fn, epochs=1, max_steps=steps, lr=lr, recalibrate_bn=False, seed=seed + step,
@@ -222,10 +227,15 @@ def prune_vib(
                  alternate=alternate and len(view.tasks) > 1 and epoch > epochs // 2, alternate_groups=turns)
         candidate = fold_and_prune(net, gates)
         accuracy = evaluate(candidate)
-        ok = all(accuracy[t] >= reference[t] - search_tolerance for t in accuracy)
-        trajectory.record(step, candidate, accuracy, accepted=ok)
+        done = patience * checkpoints
+        ok = {c: failures[c] < done and all(accuracy[t] >= reference[t] - search_tolerance
+                                            for t in view.tasks.ordered_names(c)) for c in components}
+        point = trajectory.record_components(step, candidate, accuracy, ok, current, evaluate)
+        if point.accepted:
+            current = point
         weight[0] *= kl_growth ** (1 / checkpoints)
-        failures = 0 if ok else failures + 1
-        if failures >= patience * checkpoints:
+        for c in components:
+            failures[c] = 0 if ok[c] else failures[c] + 1
+        if all(f >= done for f in failures.values()):
             break
     return trajectory
