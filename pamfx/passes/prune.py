@@ -149,6 +149,13 @@ class Trajectory:
         return chosen
 
 
+def tasks_within(accuracy: Mapping[str, float], reference: Mapping[str, float], tasks: Iterable[str],
+                 tolerance: float) -> bool:
+    """Whether every task of ``tasks`` is at most ``tolerance`` below its reference: how a round, a
+    VIB checkpoint or a recovery fine-tune is judged, per independent component."""
+    return all(accuracy[t] >= reference[t] - tolerance for t in tasks)
+
+
 def channel_key(record_origins: tuple[tuple[str, int], ...], layer: str, channel: int) -> tuple[str, str, int]:
     """A channel's identity that survives channel selection: its layer and its origin (task, index)."""
     return (layer, *record_origins[channel])
@@ -269,8 +276,7 @@ def iterative_prune(
                                      recalibrate_bn=False, seed=seed + round_ + max_rounds, schedule=schedule,
                                      progress=False)
                 accuracy = evaluate(candidate)
-            ok = {c: all(accuracy[t] >= reference[t] - search_tolerance for t in tasks.ordered_names(c))
-                  for c in proposals}
+            ok = {c: tasks_within(accuracy, reference, tasks.ordered_names(c), search_tolerance) for c in proposals}
             # a component not pruned this round stays as it was
             point = trajectory.record_components(round_, candidate, accuracy, {c: ok.get(c, False) for c in components},
                                                  current, evaluate)
@@ -363,7 +369,7 @@ def recover(
             for c, point in picks.items():
                 low, high = bounds[c]
                 middle = (low + high) // 2
-                if all(accuracy[t] >= trajectory.reference[t] - tolerance for t in trajectory.tasks.ordered_names(c)):
+                if tasks_within(accuracy, trajectory.reference, trajectory.tasks.ordered_names(c), tolerance):
                     found[c], bounds[c] = (point, network, accuracy), (low, middle)
                 else:
                     bounds[c] = (middle + 1, high)

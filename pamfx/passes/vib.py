@@ -15,8 +15,9 @@ on every minibatch, as baseline 1's single networks do. After every epoch the
 gates are folded into the consumers' weights — a gate scales its channel's columns in every
 dense op and head that reads the layer, exactly — pruned channels are removed with
 `select_channels`, and the network is recorded in the trajectory, so `emit` and `cost` apply
-unchanged; independent components are accepted apart, as baseline 1's networks are. Layers read by a residual addition or an identity shortcut are not gated (a gate there
-cannot be folded into a weight), as in the paper, which prunes ResNets with P2 only.
+unchanged; independent components are accepted apart, as baseline 1's networks are. Layers read
+by a residual addition or an identity shortcut are not gated (a gate there cannot be folded into a
+weight), as in the paper, which prunes ResNets with P2 only.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from pamfx.errors import InputError
 from pamfx.ir.task_set import TaskSet
 from pamfx.passes.finetune import TaskLoss, finetune
 from pamfx.passes.module_surgery import rebuild, set_module
-from pamfx.passes.prune import Evaluate, Trajectory
+from pamfx.passes.prune import Evaluate, Trajectory, tasks_within
 from pamfx.passes.select_channels import select_channels
 
 
@@ -219,7 +220,7 @@ def prune_vib(
     trajectory = Trajectory(view.tasks, dict(reference), dict(weights))
     current = trajectory.record(0, gm, evaluate(gm), accepted=True)
     gate_params = [p for g in gates.values() for p in g.parameters()]
-    failures = dict.fromkeys(components, 0)
+    failures, done = dict.fromkeys(components, 0), patience * checkpoints  # a component is done after `done` failures
     for step in range(1, epochs * checkpoints + 1):
         epoch = -(-step // checkpoints)
         finetune(net, train_loader, loss_fn, epochs=1, max_steps=steps, lr=lr, recalibrate_bn=False, seed=seed + step,
@@ -227,9 +228,8 @@ def prune_vib(
                  alternate=alternate and len(view.tasks) > 1 and epoch > epochs // 2, alternate_groups=turns)
         candidate = fold_and_prune(net, gates)
         accuracy = evaluate(candidate)
-        done = patience * checkpoints
-        ok = {c: failures[c] < done and all(accuracy[t] >= reference[t] - search_tolerance
-                                            for t in view.tasks.ordered_names(c)) for c in components}
+        ok = {c: failures[c] < done and tasks_within(accuracy, reference, view.tasks.ordered_names(c), search_tolerance)
+              for c in components}
         point = trajectory.record_components(step, candidate, accuracy, ok, current, evaluate)
         if point.accepted:
             current = point
