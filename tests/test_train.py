@@ -78,6 +78,15 @@ def test_evaluate_multitask_matches_label_frequencies(data):
     assert evaluate(single, ds, LABELS) == pytest.approx(absent["digits_0_4"])
 
 
+@pytest.mark.parametrize("name", ["lenet5", "vgg"])
+def test_evaluate_batch_size_sets_speed_not_result(data, name):
+    torch.manual_seed(0)
+    model = build_model(name, len(LABELS), data.in_channels, data.image_size).eval()
+    train_single_task(model, data.train, LABELS, **FAST)
+    accuracies = {bs: evaluate(model, data.test, LABELS, batch_size=bs) for bs in (7, 64, 512)}
+    assert len(set(accuracies.values())) == 1, accuracies
+
+
 def test_evaluate_restores_training_mode(data):
     model = lenet(data).train()
     evaluate(model, data.test, LABELS)

@@ -95,13 +95,15 @@ def evaluate_multitask(
     module: Callable[[torch.Tensor], Logits],
     dataset: Dataset,
     tasks: Mapping[str, Sequence[int]],
-    batch_size: int = 512,
+    batch_size: int = 64,
 ) -> dict[str, float]:
     """Mean binary accuracy of every task in ``tasks`` (name → label indices) on ``dataset``.
 
     ``module`` maps a batch of images to ``{task_name: logits}`` (a merged network) or, when
     ``tasks`` has one task, to that task's logits tensor. An ``nn.Module`` is run in eval mode and
-    its training flag is restored afterwards.
+    its training flag is restored afterwards. ``batch_size`` sets the speed, not the result (in eval
+    mode the zoo models' outputs are bitwise equal at 64 and 512); batches of 64 keep a conv's
+    output in the CPU cache where 512 do not, 1.5–3× faster on the zoo models with 1 thread.
     """
     labels = {name: _check_labels(idx, dataset) for name, idx in tasks.items()}
     if not labels:
@@ -134,7 +136,7 @@ def evaluate(
     model: Callable[[torch.Tensor], torch.Tensor],
     dataset: Dataset,
     label_indices: Sequence[int],
-    batch_size: int = 512,
+    batch_size: int = 64,
 ) -> float:
     """Mean binary accuracy of a single-task ``model`` on the labels ``label_indices`` of ``dataset``."""
     return evaluate_multitask(model, dataset, {"task": label_indices}, batch_size)["task"]
