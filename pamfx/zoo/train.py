@@ -103,7 +103,8 @@ def evaluate_multitask(
     ``tasks`` has one task, to that task's logits tensor. An ``nn.Module`` is run in eval mode and
     its training flag is restored afterwards. ``batch_size`` sets the speed, not the result (in eval
     mode the zoo models' outputs are bitwise equal at 64 and 512); batches of 64 keep a conv's
-    output in the CPU cache where 512 do not, 1.5–3× faster on the zoo models with 1 thread.
+    output in the CPU cache where 512 do not, 1.2–3× faster on the zoo models with 1 thread
+    (`tools/bench_evaluate.py`).
     """
     labels = {name: _check_labels(idx, dataset) for name, idx in tasks.items()}
     if not labels:
