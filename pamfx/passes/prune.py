@@ -20,18 +20,16 @@ first conv layer, say) does not end the search for cheaper channels elsewhere.
 checkpoints cheaper than the selection (they missed the tolerance) are fine-tuned for longer,
 searched by bisection, and the cheapest that comes back within the tolerance is kept.
 
-Tasks that share no channel are independent components (`pamfx.analysis.task_components`). They
-are judged apart in every round (`iterative_prune`), with ``per_component`` also pruned apart, and
-recovered apart (`recover`); each can stop at its own checkpoint (`Trajectory.select_components`), and
+Tasks that share no channel are independent components (`pamfx.analysis.task_components`). With
+``per_component`` they are pruned apart in the same rounds (`iterative_prune`) and recovered apart
+(`recover`); each can stop at its own checkpoint (`Trajectory.select_components`), and
 `compose_selection` records the network composed of those parts (`pamfx.passes.compose_components`).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
-import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
@@ -223,14 +221,12 @@ def iterative_prune(
     evaluates on calibration data. ``floor`` is the fraction of the initial expected FLOPs at
     which pruning stops; ``schedule`` is the fine-tune's learning-rate schedule (`finetune`).
 
-    The independent components of ``gm`` (`task_components`; the unshared merge has one per task)
-    are judged apart: each has its own step, failure count and patience, and a round keeps the
-    pruned and fine-tuned version of the components whose tasks stayed within ``search_tolerance``
-    and the previous version of the others, those that failed or were done (`compose_components`),
-    so one network's failure does not undo the others' round. ``propose`` is asked once a round for
-    the channels of every component not done (ranked together, a budget of Σ step × the
-    component's expected FLOPs), or with ``per_component`` once for each, the others protected, as
-    if each were pruned on its own. A network of one component prunes as a whole either way.
+    With ``per_component``, the independent components of ``gm`` (`task_components`) are pruned
+    apart in the same rounds, as if each were pruned on its own: each has its own step, failure
+    count and patience, ``propose`` is asked for each component's channels (the others protected),
+    and a round keeps the pruned and fine-tuned version of the components whose tasks stayed within
+    ``search_tolerance`` and the previous version of the others, those that failed or were done
+    (`compose_components`).
 
     With ``rescue_steps`` > 0, a round that leaves a pruned task more than ``tolerance`` (the
     selection tolerance, default ``search_tolerance``) below its reference is fine-tuned
@@ -247,7 +243,7 @@ def iterative_prune(
     tasks = read_multitask(gm).tasks
     trajectory = Trajectory(tasks, dict(reference), dict(weights))
     current = trajectory.record(0, gm, evaluate(gm), accepted=True)
-    components = trajectory.components()
+    components = trajectory.components() if per_component else [tasks.all]
     start = current.expected_flops
     fraction, failures = dict.fromkeys(components, step_fraction), dict.fromkeys(components, 0)
     protected: set[tuple[str, str, int]] = set()
@@ -257,17 +253,19 @@ def iterative_prune(
             if current.expected_flops <= floor * start or not active:
                 break
             view = read_multitask(current.network)
-            asked = dataclasses.replace(current)  # one object per round: a pruner scores once a round
-            removal: dict[str, list[int]] = {}
-            for unit in ([[c] for c in active] if per_component else [active]):
-                budget = sum(fraction[c] * current.component_flops(c, weights) for c in unit)
-                others = protected | _other_channels(view, functools.reduce(operator.or_, unit))
-                for layer, channels in propose(asked, budget, others).items():
-                    if channels:
-                        removal.setdefault(layer, []).extend(channels)
-            proposals = _by_component(view, removal, active)
+            asked, proposals = dataclasses.replace(current), {}  # one object per round: a pruner scores once a round
+            for c in active:
+                others = protected | _other_channels(view, c)
+                removal = {k: v for k, v in propose(asked, fraction[c] * current.component_flops(c, weights),
+                                                    others).items() if v}
+                if removal:
+                    proposals[c] = removal
             if not proposals:
                 break
+            removal: dict[str, list[int]] = {}
+            for part in proposals.values():
+                for layer, channels in part.items():
+                    removal.setdefault(layer, []).extend(channels)
             keep = {layer: [c for c in range(view.records[layer].width) if c not in set(cs)] for layer, cs in removal.items()}
             candidate = finetune(select_channels(current.network, keep), train_loader, loss_fn, epochs=0,
                                  max_steps=finetune_steps, lr=lr, recalibrate_bn=False, seed=seed + round_, schedule=schedule,
@@ -295,19 +293,6 @@ def iterative_prune(
             bar.update(1)
             bar.set_postfix(mflops=f"{current.expected_flops / 1e6:.3f}", ok=point.accepted)
     return trajectory
-
-
-def _by_component(view: MultitaskView, removal: Mapping[str, list[int]],
-                  components: Iterable[TaskSet]) -> dict[TaskSet, dict[str, list[int]]]:
-    """``removal`` split by the independent component each channel belongs to (those with none left out)."""
-    parts: dict[TaskSet, dict[str, list[int]]] = {}
-    for c in components:
-        for layer, channels in removal.items():
-            task_sets = view.records[layer].task_sets
-            mine = [ch for ch in channels if task_sets[ch] & c]
-            if mine:
-                parts.setdefault(c, {})[layer] = mine
-    return parts
 
 
 def _other_channels(view: MultitaskView, component: TaskSet) -> set[tuple[str, str, int]]:
