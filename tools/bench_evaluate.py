@@ -1,12 +1,13 @@
-"""What the evaluation batch size costs: `pamfx.zoo.train.evaluate` at batch 512 against 64.
+"""What the evaluation batch size costs: `pamfx.zoo.train.evaluate` at batch 512 against its default.
 
     python tools/bench_evaluate.py [--images 3000] [--size 56] [--repeat 3]
 
 Every pruning round evaluates the candidate on the whole calibration split (3,000-5,000 tiles of
 56×56 in the shipped configs), which is about a third of the demo's time. Per zoo architecture
 (5 outputs, 1 input channel, full width and 0.3×, untrained, eval mode, 1 torch thread) this
-times ``evaluate`` on random images at both batch sizes, interleaved, and prints the medians, their
-ratio and whether the accuracies and the logits are equal: the batch size must set the speed only.
+times ``evaluate`` on random images at batch 512 and at `EVAL_BATCH_SIZE` (64), interleaved, and
+prints the medians, their ratio and whether the accuracies and the logits are equal: the batch
+size must set the speed only.
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pamfx.zoo.models import build_model  # noqa: E402
-from pamfx.zoo.train import evaluate  # noqa: E402
+from pamfx.zoo.train import EVAL_BATCH_SIZE, evaluate  # noqa: E402
 
 ARCHITECTURES = ("lenet5", "vgg", "resnet", "mobilenetv2")
-BATCHES = (512, 64)
+OLD = 512
+BATCHES = (OLD, EVAL_BATCH_SIZE)
 
 
 def logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -46,9 +48,9 @@ def bench(arch: str, width: float, data: TensorDataset, repeat: int) -> dict[str
             times[b].append(time.perf_counter() - start)
     seconds = {b: statistics.median(t) for b, t in times.items()}
     images = data.tensors[0]
-    return {"seconds": seconds, "ratio": seconds[512] / seconds[64],
-            "same_accuracy": accuracy[512] == accuracy[64],
-            "same_logits": torch.equal(logits(model, images, 512), logits(model, images, 64))}
+    return {"seconds": seconds, "ratio": seconds[OLD] / seconds[EVAL_BATCH_SIZE],
+            "same_accuracy": accuracy[OLD] == accuracy[EVAL_BATCH_SIZE],
+            "same_logits": torch.equal(logits(model, images, OLD), logits(model, images, EVAL_BATCH_SIZE))}
 
 
 def main() -> None:
@@ -63,12 +65,13 @@ def main() -> None:
     data = TensorDataset(torch.rand(args.images, 1, args.size, args.size, generator=generator),
                          torch.randint(0, 2, (args.images, 5), generator=generator).float())
     print(f"evaluate on {args.images} images of {args.size}×{args.size}, 1 thread, median of {args.repeat}")
-    print(f"{'model':<12} {'width':>5} {'s @512':>8} {'s @64':>8} {'512/64':>7}  same accuracy, logits")
+    new = EVAL_BATCH_SIZE
+    print(f"{'model':<12} {'width':>5} {f's @{OLD}':>8} {f's @{new}':>8} {f'{OLD}/{new}':>7}  same accuracy, logits")
     for arch in ARCHITECTURES:
         for width in (1.0, 0.3):
             row = bench(arch, width, data, args.repeat)
             s = row["seconds"]
-            print(f"{arch:<12} {width:>5} {s[512]:>8.3f} {s[64]:>8.3f} {row['ratio']:>7.2f}  "
+            print(f"{arch:<12} {width:>5} {s[OLD]:>8.3f} {s[new]:>8.3f} {row['ratio']:>7.2f}  "
                   f"{row['same_accuracy']}, {row['same_logits']}")
 
 

@@ -31,6 +31,12 @@ DEFAULT_CACHE_DIR = ".pamfx-cache"
 Logits = torch.Tensor | Mapping[str, torch.Tensor]
 
 
+#: Default evaluation batch: it sets the speed, not the result (in eval mode the zoo models' outputs
+#: are bitwise equal at 64 and 512); batches of 64 keep a conv's output in the CPU cache where 512
+#: do not, 1.2–3× faster on the zoo models with 1 thread (`tools/bench_evaluate.py`).
+EVAL_BATCH_SIZE = 64
+
+
 def _check_labels(label_indices: Sequence[int], dataset: Dataset) -> list[int]:
     labels = [int(i) for i in label_indices]
     num_labels = dataset[0][1].numel()
@@ -95,16 +101,14 @@ def evaluate_multitask(
     module: Callable[[torch.Tensor], Logits],
     dataset: Dataset,
     tasks: Mapping[str, Sequence[int]],
-    batch_size: int = 64,
+    batch_size: int = EVAL_BATCH_SIZE,
 ) -> dict[str, float]:
     """Mean binary accuracy of every task in ``tasks`` (name → label indices) on ``dataset``.
 
     ``module`` maps a batch of images to ``{task_name: logits}`` (a merged network) or, when
     ``tasks`` has one task, to that task's logits tensor. An ``nn.Module`` is run in eval mode and
-    its training flag is restored afterwards. ``batch_size`` sets the speed, not the result (in eval
-    mode the zoo models' outputs are bitwise equal at 64 and 512); batches of 64 keep a conv's
-    output in the CPU cache where 512 do not, 1.2–3× faster on the zoo models with 1 thread
-    (`tools/bench_evaluate.py`).
+    its training flag is restored afterwards. ``batch_size`` sets the speed, not the result
+    (`EVAL_BATCH_SIZE`).
     """
     labels = {name: _check_labels(idx, dataset) for name, idx in tasks.items()}
     if not labels:
@@ -137,7 +141,7 @@ def evaluate(
     model: Callable[[torch.Tensor], torch.Tensor],
     dataset: Dataset,
     label_indices: Sequence[int],
-    batch_size: int = 64,
+    batch_size: int = EVAL_BATCH_SIZE,
 ) -> float:
     """Mean binary accuracy of a single-task ``model`` on the labels ``label_indices`` of ``dataset``."""
     return evaluate_multitask(model, dataset, {"task": label_indices}, batch_size)["task"]
