@@ -1,7 +1,7 @@
 """Benchmark of codegen: emitted modules per task combination against the masked merged network.
 
 Run ``python tools/bench_codegen.py`` (options ``--repeats``, ``--warmup``, ``--batch``,
-``--threads``, ``--seed``, ``--scale``). For K = 2 and K = 5 VGG-style networks
+``--threads``, ``--seed``, ``--scale``, ``--ks``). For K = 2 and K = 5 (``--ks``) VGG-style networks
 (`build_model("vgg", ...)`, input 1×32×32, widths 1.0, 0.5, 0.75, 0.625, 0.875 × ``--scale`` ×
 the base width, random weights and BatchNorm statistics) merged under ``Grouping.random``, and for
 every task combination S, it prints:
@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the grouping and the input")
     parser.add_argument("--scale", type=float, default=2.0, help="width multiplier of every network")
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 5], choices=range(2, 6), help="numbers of networks merged")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, input 1x{INPUT_SIZE}x{INPUT_SIZE}, "
@@ -179,7 +180,7 @@ def main() -> None:
     print(f"cost model (FusionCostModel.calibrate({args.batch}, channels_last=True)): channel_block {model.channel_block}, per_call_s {model.per_call_s * 1e6:.1f} us, "
           f"flops_per_s {model.flops_per_s / 1e9:.1f} GFLOP/s, per_input_s {model.per_input_s * 1e9:.3f} ns")
     start = time.perf_counter()
-    summary = {k: bench(k, args) for k in (2, 5)}
+    summary = {k: bench(k, args) for k in args.ks}
     print()
     for k, s in summary.items():
         worst = min(range(len(s["ratio"])), key=s["ratio"].__getitem__)
