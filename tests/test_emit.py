@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import pamfx
 from pamfx.analysis.channel_rules import Role
 from pamfx.analysis.channel_order import group_orders
-from pamfx.codegen.emit import ConstantChannels, emit_view, fusion_report
+from pamfx.codegen.emit import ConstantChannels, emit_view, fusion_report, gather_channels
 from pamfx.ir.meta import META_FUSED, META_GROUP
 from pamfx.codegen.fusion import FusionCostModel
 from tests.conftest import ARCHITECTURES, example_input, model_set, perturb
@@ -275,8 +275,37 @@ def test_runtime_with_fusion_keeps_outputs_and_shares_weights():
 
 
 def gathers(module) -> int:
-    """How many channel gathers (index_select) a module makes."""
-    return sum(1 for n in module.graph.nodes if n.target is torch.index_select)
+    """How many channel gathers (index_select, or its channels-last form) a module makes."""
+    return sum(1 for n in module.graph.nodes if n.target in (torch.index_select, gather_channels))
+
+
+def test_gathers_keep_activations_channels_last():
+    """With channels-last activations (the default for image inputs) every gather of a K = 3
+    network's emitted modules returns exactly torch.index_select's values, laid out channels-last,
+    so the convolution after it reads them without a re-layout; NCHW modules gather with
+    torch.index_select itself."""
+    models, layers = model_set("vgg", 3)
+    merged = perturb(pamfx.merge(models, example_input(), pamfx.Grouping.random(layers, seed=5), layers=layers), 5).eval()
+    x = example_input(batch=4, seed=6)
+    seen = 0
+
+    class Recorder(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            out = super().call_function(target, args, kwargs)
+            if target is gather_channels and out.dim() == 4:
+                nonlocal seen
+                seen += 1
+                assert out.is_contiguous(memory_format=torch.channels_last)
+                assert torch.equal(out, torch.index_select(args[0], 1, args[1]))
+            return out
+
+    with torch.no_grad():
+        for combo in layers.tasks.combinations():
+            Recorder(pamfx.emit(merged, combo, fuse="never")).run(x)
+            nchw = pamfx.emit(merged, combo, fuse="never", channels_last=False)
+            assert not any(n.target is gather_channels for n in nchw.graph.nodes)
+            assert gathers(nchw) == gathers(pamfx.emit(merged, combo, fuse="never"))
+    assert seen > 0
 
 
 @pytest.mark.parametrize("arch_name", ["lenet5", "vgg"])

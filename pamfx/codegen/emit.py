@@ -8,7 +8,8 @@ tensor per layer whose channels lie group after group in the layer's group order
 folded into the conv / linear before them by default (`pamfx.passes.fold_batchnorm`). Heads of
 tasks outside S are dropped; identity shortcuts become one gather (or nothing, where they are the
 identity on the active channels). Image inputs are converted to channels-last once and conv
-weights stored channels-last, so oneDNN keeps every activation in that faster layout.
+weights stored channels-last, so oneDNN keeps every activation in that faster layout; gathers of
+channels keep it too (`gather_channels`).
 
 Each dense op is planned as a few calls, each over consecutive output groups and a set of input
 channels, concatenated in layout order. ``fuse="never"``: one call per output group over exactly
@@ -53,6 +54,19 @@ from pamfx.passes.fold_batchnorm import inference_view
 from pamfx.passes.module_surgery import attr_name, channel_tensors, rebuild
 
 FUSE_MODES = ("never", "always", "auto")
+
+
+def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Channels ``index`` of the 4-D tensor ``x`` (dim 1), kept channels-last.
+
+    ``torch.index_select(x, 1, index)`` of a channels-last tensor returns a contiguous (NCHW) copy,
+    which the next convolution re-lays out to channels-last before it runs: two copies, together
+    about two thirds of that convolution's time in a micro-benchmark (240 of 480 channels of an
+    8 × 480 × 16 × 16 input into a 3 × 3 conv of 32 channels). Gathering the last dimension of the
+    NHWC view writes the copy channels-last directly; the values are the same."""
+    if torch.onnx.is_in_onnx_export():  # an ONNX graph has no memory format
+        return torch.index_select(x, 1, index)
+    return torch.index_select(x.permute(0, 2, 3, 1), 3, index).permute(0, 3, 1, 2)
 
 
 class ConstantChannels(nn.Module):
@@ -168,14 +182,21 @@ class _Emitter:
         node.meta[META_GROUP] = (layer, tuple((t, tuple(idx)) for t, idx in groups))
         return node
 
-    def read(self, x: fx.Node, cols: list[int], width: int, block: int) -> fx.Node:
-        """Input channel positions ``cols`` of a layer tensor of ``width`` channels (``block`` features each)."""
+    def read(self, x: fx.Node, cols: list[int], width: int, block: int, dims: int) -> fx.Node:
+        """Input channel positions ``cols`` of a ``dims``-D layer tensor of ``width`` channels (``block`` features each)."""
         if cols == list(range(width)):
             return x
         if _is_span(cols):
             return self.graph.call_function(torch.narrow, (x, 1, cols[0] * block, len(cols) * block))
         features = [p * block + b for p in cols for b in range(block)]
-        return self.graph.call_function(torch.index_select, (x, 1, self.add_index("cols", features)))
+        return self.gather(x, self.add_index("cols", features), dims)
+
+    def gather(self, x: fx.Node, index: fx.Node, dims: int) -> fx.Node:
+        """Channels ``index`` of the ``dims``-D tensor ``x``: of images with channels-last activations
+        through `gather_channels`."""
+        if self.channels_last and dims == 4:
+            return self.graph.call_function(gather_channels, (x, index))
+        return self.graph.call_function(torch.index_select, (x, 1, index))
 
     def spatial(self, node: fx.Node) -> tuple[int, ...]:
         return tuple(node.meta["tensor_meta"].shape[2:])
@@ -250,7 +271,7 @@ class _Emitter:
             pieces = []
             for chunk in chunks:
                 part = rebuild(module, share=self.share, **{k: self.tensor(v, [channels[p] for p in chunk]) for k, v in tensors.items()})
-                chunk_args = args if len(chunks) == 1 else (self.read(args[0], chunk, len(channels), 1),) + tuple(args[1:])
+                chunk_args = args if len(chunks) == 1 else (self.read(args[0], chunk, len(channels), 1, _dims(node)),) + tuple(args[1:])
                 pieces.append(self.graph.call_module(self.add_module(node.target, part), chunk_args, kwargs))
             result = self.cat(pieces)
         else:
@@ -269,7 +290,7 @@ class _Emitter:
         if dst == list(range(len(position))):
             if src == list(range(len(source))):
                 return sc.source.node
-            return self.graph.call_function(torch.index_select, (sc.source.node, 1, self.add_index(f"{layer}.sc_src", src)))
+            return self.gather(sc.source.node, self.add_index(f"{layer}.sc_src", src), _dims(node))
         module = DiagonalConnection(torch.tensor(src), torch.tensor(dst), len(position))
         return self.graph.call_module(self.add_module(f"{layer}.shortcut", module), (sc.source.node,))
 
@@ -337,7 +358,7 @@ class _Emitter:
         for k, chunk in enumerate(chunks):
             features = [in_channels[p] * block + b for p in chunk for b in range(block)]
             part = rebuild(module, share=self.share, weight=self.tensor(weight, features, dim=1), bias=bias if k == 0 else None)
-            call = self.graph.call_module(self.add_module(name, part), (self.read(x.node, chunk, len(in_channels), block),))
+            call = self.graph.call_module(self.add_module(name, part), (self.read(x.node, chunk, len(in_channels), block, _dims(node.args[0])),))
             first = first or call
             result = call if result is None else self.graph.call_function(torch.add, (result, call))
         return result, first
@@ -425,7 +446,7 @@ class _Emitter:
             if not cols:
                 constant = ConstantChannels(bias, len(idx), self.spatial(node))
                 return self.graph.call_module(self.add_module(f"{node.target}.{self.label(task_set)}", constant), (self.input,))
-            x_in = self.read(x.node, cols, len(in_channels), 1)
+            x_in = self.read(x.node, cols, len(in_channels), 1, _dims(node.args[0]))
             in_channels = [in_channels[p] for p in cols]
         return self.grouped_conv(node, module, idx, x_in, in_channels, bias, task_set)
 
@@ -455,14 +476,14 @@ class _Emitter:
             in_pos = [q for g in conv_groups for q in cols_of[g]]
             weight = torch.cat([self.tensor(self.tensor(module.weight, [idx[p] for p in rows_of[g]]), [flat[q] for q in cols_of[g]], dim=1) for g in conv_groups])
             conv = rebuild(module, groups=len(conv_groups), weight=weight, bias=None if bias is None else bias[out_pos])
-            x_in = x if in_pos == list(range(len(flat))) else self.graph.call_function(torch.index_select, (x, 1, self.add_index(f"{base}.in", in_pos)))
+            x_in = x if in_pos == list(range(len(flat))) else self.gather(x, self.add_index(f"{base}.in", in_pos), _dims(node.args[0]))
             pieces.append(self.graph.call_module(self.add_module(base, conv), (x_in,)))
             order += out_pos
         if constant:
             constant_channels = ConstantChannels(None if bias is None else bias[constant], len(constant), self.spatial(node))
             pieces.append(self.graph.call_module(self.add_module(base, constant_channels), (self.input,)))
             order += constant
-        return self.in_order(self.cat(pieces), order, base)
+        return self.in_order(self.cat(pieces), order, base, _dims(node))
 
     def blocked_linear(self, node: fx.Node, module: nn.Module, x: Any, task_set: TaskSet, idx: list[int], cols: list[int]) -> fx.Node:
         """One output group of a linear op whose connections stay within blocks (``pamfx_conv_groups``):
@@ -479,14 +500,14 @@ class _Emitter:
             block_cols = tuple(q for q in cols if int(in_ids[in_channels[q]]) == g)
             pieces.append(self.call(node, module, base, [idx[p] for p in positions], block_cols, x)[0])
             order += positions
-        return self.in_order(self.cat(pieces), order, base)
+        return self.in_order(self.cat(pieces), order, base, _dims(node))
 
-    def in_order(self, result: fx.Node, order: list[int], base: str) -> fx.Node:
+    def in_order(self, result: fx.Node, order: list[int], base: str, dims: int) -> fx.Node:
         """``result``, whose channels are an output group's positions ``order``, back in group order."""
         if order == list(range(len(order))):
             return result
         inverse = sorted(range(len(order)), key=order.__getitem__)
-        return self.graph.call_function(torch.index_select, (result, 1, self.add_index(f"{base}.order", inverse)))
+        return self.gather(result, self.add_index(f"{base}.order", inverse), dims)
 
     def head_chain(self, node: fx.Node, info: NodeInfo) -> None:
         if not self.combo & self.view.tasks.bit(info.task):
@@ -499,6 +520,11 @@ class _Emitter:
         cols = self.allowed(self.view.tasks.bit(info.task), x.layer) if x.node is not None else []
         rows = list(range(module.weight.shape[0]))
         self.env[node.name] = self.call(node, module, f"{node.target}.{self.label(self.view.tasks.bit(info.task))}", rows, tuple(cols), x)[0]
+
+
+def _dims(node: fx.Node) -> int:
+    """How many dimensions the merged network's value at ``node`` has (its shape propagation)."""
+    return len(node.meta["tensor_meta"].shape)
 
 
 def _is_span(idx: list[int]) -> bool:
