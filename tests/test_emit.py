@@ -292,10 +292,10 @@ def test_gathers_keep_activations_channels_last():
     class Recorder(torch.fx.Interpreter):
         def call_function(self, target, args, kwargs):
             out = super().call_function(target, args, kwargs)
-            if target is gather_channels and out.dim() == 4:
+            if target is gather_channels:
                 nonlocal seen
                 seen += 1
-                assert out.is_contiguous(memory_format=torch.channels_last)
+                assert out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last)
                 assert torch.equal(out, torch.index_select(args[0], 1, args[1]))
             return out
 
